@@ -1,0 +1,182 @@
+"""DeepSeekMoE with auxiliary-loss-free load balancing. DeepSeek-V3 §2.1.2 eqs 12-20, REFERENCE §5.
+
+Routing (the `Gate`), for each token t with input u_t:
+    s_i       = sigmoid(u_t . e_i)                        (softmax for V2-style configs)
+    selection on the BIASED scores s_i + b_i:
+      1. group score = sum of the top-2 biased scores of each of n_group groups (`noaux_tc`; V2's
+         `group_limited_greedy` uses the max); keep the best topk_group groups, mask the rest to -inf
+         (= node-limited routing: a token reaches at most topk_group nodes);
+      2. top-K_r experts among the kept groups.
+    gate weights from the UNBIASED scores: g_i = s_i / sum_{j in sel} s_j  (norm_topk_prob), times
+    routed_scaling_factor. The bias steers selection only; it never changes a gate weight.
+Output: h' = u + sum_sel g_i FFN_i(u) + sum_shared FFN_s(u)   (the residual add lives in the Block).
+
+Balancing:
+- aux-loss-free: a per-expert bias buffer b (no gradient), updated after each optimizer step from the whole
+  step's load: `b_i += gamma * sign(mean_load - load_i)` (`MoE.update_bias`). gamma = 0.001 [V3 §4.2].
+- complementary sequence-wise loss [V3 eqs 17-20]: `alpha * sum_i f_i P_i` per sequence, f_i = N_r/(K_r T) *
+  (selections of i in the sequence), P_i = mean_t s_i / sum_j s_j. alpha = 1e-4.
+- classic expert-level aux loss (the ablation baseline, V2 §3.2.1 / Switch): the same f_i P_i over the whole batch.
+- MaxVio = (max load - mean load) / mean load (Wang et al. 2024): 0 is perfect balance.
+
+Experts run as grouped GEMMs: tokens are sorted by expert once, every expert's rows are contiguous, one
+`torch._grouped_mm` per weight matrix covers all experts, one `index_add_` scatters back. No Python loop over
+tokens, none over experts where the grouped kernel exists (fallback: a loop over contiguous slices).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.layers import MLP
+
+
+def max_vio(load: torch.Tensor) -> float:
+    """(max_i load_i - mean load) / mean load. 0 = perfectly balanced."""
+    load = load.float()
+    mean = load.mean()
+    return 0.0 if mean <= 0 else float((load.max() - mean) / mean)
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16)
+    if x.device.type == "cuda":
+        # The CUDA grouped GEMM is bf16-only and needs Hopper (sm90+) in the torch versions we support.
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return False
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by expert ([N, in]) times each expert's weight w [E, out, in] -> [N, out]."""
+    if _grouped_mm_ok(x):
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    chunks = x.split(counts.tolist())
+    return torch.cat([c @ w[e].t() for e, c in enumerate(chunks)], dim=0)
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.topk_method, self.scoring_func = cfg.topk_method, cfg.scoring_func
+        self.norm_topk_prob, self.route_scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        # b_i of eq. 16; a buffer (saved, never touched by the optimizer). HF: e_score_correction_bias.
+        self.register_buffer("e_score_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Affinities s [T, E] in fp32 (the router runs in fp32, as in HF and [M])."""
+        logits = F.linear(x.float(), self.weight.float())
+        return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Expert indices [T, K] chosen on biased scores within the kept groups."""
+        biased = scores.detach() + self.e_score_bias.float()
+        T = biased.shape[0]
+        if self.n_group > 1 and self.topk_method != "greedy":
+            grouped = biased.view(T, self.n_group, -1)  # [T, G, E/G]
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+            else:
+                group_scores = grouped.amax(dim=-1)
+            kept = group_scores.topk(self.topk_group, dim=-1).indices  # [T, topk_group]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+            biased = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(T, -1)
+        return biased.topk(self.top_k, dim=-1).indices
+
+    def forward(self, x: torch.Tensor):
+        """x [T, d] -> (indices [T, K], gate weights [T, K] fp32, scores [T, E] fp32)."""
+        scores = self.scores(x)
+        idx = self.select(scores)
+        weights = scores.gather(1, idx)  # unbiased: the bias never reaches a gate weight
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return idx, weights * self.route_scale, scores
+
+
+class Experts(nn.Module):
+    """N_r routed SwiGLU experts stored stacked: w1/w3 [E, I, d], w2 [E, d, I] (nn.Linear layout per expert)."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # gate_proj
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # down_proj
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up_proj
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, d], idx/weights [T, K] -> sum_k weights[t,k] * expert_{idx[t,k]}(x[t]), shape [T, d]."""
+        T, K = idx.shape
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)  # sort (token, slot) pairs by expert
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        offs = counts.cumsum(0).to(torch.int32)
+        token = order // K
+        x_sorted = x[token]  # [T*K, d], each expert's rows contiguous
+        h = F.silu(grouped_linear(x_sorted, self.w1, counts, offs)) * grouped_linear(x_sorted, self.w3, counts, offs)
+        y = grouped_linear(h, self.w2, counts, offs)  # [T*K, d]
+        y = y * weights.flatten()[order].unsqueeze(-1).to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        n_sh = cfg.n_shared_experts
+        self.shared_experts = MLP(cfg.hidden_size, n_sh * cfg.moe_intermediate_size) if n_sh > 0 else None
+        # Load of the current optimizer step (all micro-batches), consumed by update_bias().
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, d] -> (output [B, S, d], balance loss scalar)."""
+        B, S, d = x.shape
+        x_TD = x.reshape(-1, d)
+        idx, weights, scores = self.gate(x_TD)
+        out = self.experts(x_TD, idx, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x_TD)
+        loss = x.new_zeros((), dtype=torch.float32)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(idx.flatten(), minlength=self.gate.n_experts).float()
+            loss = self.balance_loss(scores, idx, B, S)
+        return out.view(B, S, d), loss
+
+    def balance_loss(self, scores: torch.Tensor, idx: torch.Tensor, B: int, S: int) -> torch.Tensor:
+        cfg, E, K = self.cfg, self.gate.n_experts, self.gate.top_k
+        if cfg.balancing == "aux_free":
+            alpha, groups = cfg.seq_aux_alpha, B  # per sequence [V3 eqs 17-20]
+        elif cfg.balancing == "aux_loss":
+            alpha, groups = cfg.aux_loss_alpha, 1  # whole batch (classic)
+        else:
+            return scores.new_zeros(())
+        if alpha == 0:
+            return scores.new_zeros(())
+        T = B * S // groups
+        s_norm = scores / scores.sum(dim=-1, keepdim=True)  # s'_{i,t}; a no-op for softmax scores
+        P = s_norm.view(groups, T, E).mean(dim=1)  # [groups, E]
+        counts = torch.zeros(groups, E, device=scores.device).scatter_add_(
+            1, idx.view(groups, T * K), torch.ones(groups, T * K, device=scores.device)
+        )
+        f = counts * E / (K * T)
+        return alpha * (f * P).sum(dim=-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, gamma: float) -> float:
+        """Aux-loss-free update from this step's load; returns the step's MaxVio, then resets the counts."""
+        load = self.tokens_per_expert
+        vio = max_vio(load)
+        if load.sum() > 0 and gamma > 0:
+            self.gate.e_score_bias += gamma * torch.sign(load.mean() - load)
+        load.zero_()
+        return vio
