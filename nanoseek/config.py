@@ -62,7 +62,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    rope_scaling: dict[str, Any] | None = (
+        None  # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    )
     num_nextn_predict_layers: int = 1  # MTP depth D
     initializer_range: float = 0.006  # paper init std [V3 §4.2] (HF's default is 0.02)
     bos_token_id: int = 0
@@ -71,7 +73,9 @@ class ModelConfig:
     attention: str = "mla"  # mla | mha | gqa (ablation baselines)
     n_kv_heads: int | None = None  # gqa only: number of K/V heads
     ffn: str = "moe"  # moe | dense (dense: every layer uses intermediate_size)
-    balancing: str = "aux_free"  # aux_free (bias + seq-wise loss) | aux_loss (classic softmax aux loss) | none
+    balancing: str = (
+        "aux_free"  # aux_free (bias + seq-wise loss) | aux_loss (classic softmax aux loss) | none
+    )
     bias_update_speed: float = 0.001  # gamma [V3 §4.2]
     seq_aux_alpha: float = 0.0001  # alpha of the complementary sequence-wise loss [V3 §4.2]
     aux_loss_alpha: float = 0.01  # classic expert-level balance loss weight (aux_loss ablation)
@@ -136,25 +140,63 @@ class ModelConfig:
             v = getattr(self, f)
             need(isinstance(v, int) and not isinstance(v, bool), f, f"must be an integer, got {v!r}")
             need(v > 0, f, f"must be positive, got {v}")
-        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", f"must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
-        need(self.attention in ATTENTION_KINDS, "attention", f"unknown kind {self.attention!r}; choose from {ATTENTION_KINDS}")
+        need(
+            self.qk_rope_head_dim % 2 == 0,
+            "qk_rope_head_dim",
+            f"must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}",
+        )
+        need(
+            self.attention in ATTENTION_KINDS,
+            "attention",
+            f"unknown kind {self.attention!r}; choose from {ATTENTION_KINDS}",
+        )
         need(self.ffn in FFN_KINDS, "ffn", f"unknown kind {self.ffn!r}; choose from {FFN_KINDS}")
-        need(self.balancing in BALANCING_KINDS, "balancing", f"unknown kind {self.balancing!r}; choose from {BALANCING_KINDS}")
-        need(self.scoring_func in SCORING_FUNCS, "scoring_func", f"unknown {self.scoring_func!r}; choose from {SCORING_FUNCS}")
-        need(self.topk_method in TOPK_METHODS, "topk_method", f"unknown {self.topk_method!r}; choose from {TOPK_METHODS}")
-        need(self.hidden_act == "silu", "hidden_act", f"only 'silu' (SwiGLU) is implemented, got {self.hidden_act!r}")
+        need(
+            self.balancing in BALANCING_KINDS,
+            "balancing",
+            f"unknown kind {self.balancing!r}; choose from {BALANCING_KINDS}",
+        )
+        need(
+            self.scoring_func in SCORING_FUNCS,
+            "scoring_func",
+            f"unknown {self.scoring_func!r}; choose from {SCORING_FUNCS}",
+        )
+        need(
+            self.topk_method in TOPK_METHODS,
+            "topk_method",
+            f"unknown {self.topk_method!r}; choose from {TOPK_METHODS}",
+        )
+        need(
+            self.hidden_act == "silu",
+            "hidden_act",
+            f"only 'silu' (SwiGLU) is implemented, got {self.hidden_act!r}",
+        )
         need(self.rms_norm_eps > 0, "rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
         need(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
-        need(self.initializer_range > 0, "initializer_range", f"must be positive, got {self.initializer_range}")
+        need(
+            self.initializer_range > 0, "initializer_range", f"must be positive, got {self.initializer_range}"
+        )
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
         need(self.mtp_lambda >= 0, "mtp_lambda", "must be >= 0")
         if self.attention == "mla":
             need(self.kv_lora_rank > 0, "kv_lora_rank", f"must be positive, got {self.kv_lora_rank}")
-            need(self.q_lora_rank is None or self.q_lora_rank >= 0, "q_lora_rank", "must be >= 0 (0/None = plain wq)")
+            need(
+                self.q_lora_rank is None or self.q_lora_rank >= 0,
+                "q_lora_rank",
+                "must be >= 0 (0/None = plain wq)",
+            )
         if self.attention == "mha":
-            need((self.qk_head_dim) % 2 == 0, "qk_nope_head_dim", "qk_nope_head_dim + qk_rope_head_dim must be even for mha")
+            need(
+                (self.qk_head_dim) % 2 == 0,
+                "qk_nope_head_dim",
+                "qk_nope_head_dim + qk_rope_head_dim must be even for mha",
+            )
         if self.attention == "gqa":
-            need(self.n_kv_heads is not None and self.n_kv_heads > 0, "n_kv_heads", "gqa needs a positive n_kv_heads")
+            need(
+                self.n_kv_heads is not None and self.n_kv_heads > 0,
+                "n_kv_heads",
+                "gqa needs a positive n_kv_heads",
+            )
             need(
                 self.num_attention_heads % self.n_kv_heads == 0,
                 "n_kv_heads",
@@ -162,17 +204,39 @@ class ModelConfig:
             )
         if self.yarn is not None:
             y = self.yarn
-            need("factor" in y and float(y["factor"]) > 0, "rope_scaling.factor", "YaRN needs a positive factor")
+            need(
+                "factor" in y and float(y["factor"]) > 0,
+                "rope_scaling.factor",
+                "YaRN needs a positive factor",
+            )
         elif self.rope_scaling:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
-            need(kind in (None, "default"), "rope_scaling.type", f"unsupported rope scaling {kind!r}; only 'yarn'")
-        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace", "must be in [0, layers]")
+            need(
+                kind in (None, "default"),
+                "rope_scaling.type",
+                f"unsupported rope scaling {kind!r}; only 'yarn'",
+            )
+        need(
+            0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+            "first_k_dense_replace",
+            "must be in [0, layers]",
+        )
         if self.ffn == "moe":
-            for f in ("moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group"):
+            for f in (
+                "moe_intermediate_size",
+                "n_routed_experts",
+                "num_experts_per_tok",
+                "n_group",
+                "topk_group",
+            ):
                 v = getattr(self, f)
                 need(isinstance(v, int) and v > 0, f, f"must be a positive integer, got {v!r}")
             need(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
-            need(self.topk_group <= self.n_group, "topk_group", f"topk_group={self.topk_group} > n_group={self.n_group}")
+            need(
+                self.topk_group <= self.n_group,
+                "topk_group",
+                f"topk_group={self.topk_group} > n_group={self.n_group}",
+            )
             need(
                 self.n_routed_experts % self.n_group == 0,
                 "n_group",
@@ -186,7 +250,11 @@ class ModelConfig:
                 f"{self.num_experts_per_tok} experts per token but only {available} are available in the kept groups",
             )
             if self.topk_method == "noaux_tc" and self.n_group > 1:
-                need(per_group >= 2, "n_group", "noaux_tc group scores sum the top-2 experts: need >= 2 experts per group")
+                need(
+                    per_group >= 2,
+                    "n_group",
+                    "noaux_tc group scores sum the top-2 experts: need >= 2 experts per group",
+                )
             need(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be positive")
             need(self.bias_update_speed >= 0, "bias_update_speed", "must be >= 0")
             need(self.seq_aux_alpha >= 0, "seq_aux_alpha", "must be >= 0")
@@ -206,7 +274,9 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if strict and unknown:
-            raise ConfigError(f"{unknown[0]}: unknown config field (known fields: see nanoseek.config.ModelConfig)")
+            raise ConfigError(
+                f"{unknown[0]}: unknown config field (known fields: see nanoseek.config.ModelConfig)"
+            )
         kwargs = {k: v for k, v in d.items() if k in known}
         return cls(**kwargs).validate()
 
@@ -247,7 +317,7 @@ def from_hf_dict(d: dict[str, Any]) -> ModelConfig:
     # transformers v5 writes `rope_parameters` (rope_theta and the scaling dict together).
     rp = d.pop("rope_parameters", None)
     if rp:
-        d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+        d["rope_theta"] = rp.get("rope_theta", d.get("rope_theta", 10000.0))
         if rp.get("rope_type", "default") != "default":
             d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
     if d.get("q_lora_rank") is None:
@@ -272,7 +342,9 @@ def from_hf_dict(d: dict[str, Any]) -> ModelConfig:
 def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
     """The Hugging Face DeepseekV3 `config.json` for an MLA/MoE config."""
     if cfg.attention != "mla":
-        raise ConfigError(f"attention: only 'mla' models have a Hugging Face DeepseekV3 layout, got {cfg.attention!r}")
+        raise ConfigError(
+            f"attention: only 'mla' models have a Hugging Face DeepseekV3 layout, got {cfg.attention!r}"
+        )
     d: dict[str, Any] = {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -463,4 +535,6 @@ def resolve_config(spec: str) -> ModelConfig:
     p = Path(spec)
     if p.exists():
         return ModelConfig.load(p)
-    raise ConfigError(f"preset: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing config file")
+    raise ConfigError(
+        f"preset: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing config file"
+    )

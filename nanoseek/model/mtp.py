@@ -32,7 +32,9 @@ class MTPModule(nn.Module):
         self.block = block  # TRM_k: a full decoder layer (MoE FFN in V3)
         self.norm = RMSNorm(d, cfg.rms_norm_eps)  # HF: shared_head.norm
 
-    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """h_prev, emb_next [B, T', d] -> (h^k [B, T', d] before norm_k, balance loss)."""
         x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
         return self.block(x, cos, sin)

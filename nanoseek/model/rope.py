@@ -26,7 +26,9 @@ from torch import nn
 from nanoseek.config import yarn_mscale
 
 
-def yarn_correction_range(beta_fast: float, beta_slow: float, dim: int, base: float, orig_len: int) -> tuple[int, int]:
+def yarn_correction_range(
+    beta_fast: float, beta_slow: float, dim: int, base: float, orig_len: int
+) -> tuple[int, int]:
     def cd(num_rotations: float) -> float:
         return dim * math.log(orig_len / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
 
@@ -52,7 +54,9 @@ def rope_inv_freq(dim: int, base: float, yarn: dict | None = None) -> tuple[torc
     mscale, mscale_all = yarn.get("mscale"), yarn.get("mscale_all_dim")
     factor = yarn.get("attention_factor")
     if factor is None:
-        factor = yarn_mscale(s, mscale) / yarn_mscale(s, mscale_all) if (mscale and mscale_all) else yarn_mscale(s)
+        factor = (
+            yarn_mscale(s, mscale) / yarn_mscale(s, mscale_all) if (mscale and mscale_all) else yarn_mscale(s)
+        )
     return inv_freq, float(factor)
 
 

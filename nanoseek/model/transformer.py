@@ -21,7 +21,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.model.attention import GQA, KVCache
 from nanoseek.model.layers import MLP, RMSNorm
 from nanoseek.model.mla import MLA, LatentCache
-from nanoseek.model.moe import MoE, Experts
+from nanoseek.model.moe import Experts, MoE
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.rope import RotaryEmbedding
 
@@ -35,7 +35,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, positions=None, cache=None, absorb=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x, cos, sin, positions=None, cache=None, absorb=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.attn(self.attn_norm(x), cos, sin, positions, cache, absorb)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
@@ -68,7 +70,9 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.head.weight = self.embed.weight
         L = cfg.num_hidden_layers
-        self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, L + k)) for k in range(cfg.num_nextn_predict_layers))
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg, Block(cfg, L + k)) for k in range(cfg.num_nextn_predict_layers)
+        )
         rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.qk_head_dim
         self.rope = RotaryEmbedding(rope_dim, cfg.rope_theta, cfg.yarn)
         self.init_weights(seed)
