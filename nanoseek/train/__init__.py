@@ -1,0 +1,1 @@
+"""Pretraining: optimizer and LR schedules, atomic checkpoints, the training loop, the speedrun report."""

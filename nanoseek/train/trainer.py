@@ -1,0 +1,354 @@
+"""The pretraining loop: `nanoseek train`.
+
+One optimizer step (DeepSeek-V3 §4.2 recipe, scaled down):
+    for each micro-batch:  loss = L_main + lambda/D sum_k L_MTP^k + balance losses;  (loss / accum).backward()
+    clip grad norm to 1.0; AdamW step with the scheduled LR
+    aux-loss-free bias update from the whole step's expert counts (`Transformer.update_balance_bias`)
+A non-finite loss or gradient norm skips the step (grads dropped, nothing saved) and is logged; too many in a
+row stop the run without touching the last good checkpoint.
+
+Everything a resumed run needs is in the checkpoint (weights, AdamW moments, LR-schedule position = the step,
+RNG states, data-loader position, routing biases), so an interrupted-and-resumed run reproduces the loss sequence
+of an uninterrupted one bit for bit on CPU. Ctrl-C / SIGTERM finish the current step, save, and exit.
+
+Logs: a tqdm bar with ETA on stderr; `metrics.jsonl` (one JSON object per step, plus eval records) in the run dir;
+MFU = achieved model FLOPs / peak, where model FLOPs = every matmul of the step (`accounting.count_flops().full`)
+and the peak is measured on this CPU at start-up, or the GPU's datasheet bf16 number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from nanoseek.accounting import count_flops
+from nanoseek.config import ModelConfig
+from nanoseek.hardware import peak_flops
+from nanoseek.model import Transformer
+from nanoseek.train.checkpoint import (
+    CheckpointError,
+    latest_valid_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+)
+from nanoseek.train.optim import SCHEDULES, lr_multiplier, make_optimizer
+
+
+class TrainError(ValueError):
+    """A training setup problem (bad flag combination, data that does not fit the model...)."""
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/default"
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1
+    steps: int | None = None  # optimizer steps; or give tokens
+    tokens: int | None = None
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    schedule: str = "multistep"
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 16
+    ckpt_every: int = 200
+    keep_last: int = 3
+    sample_every: int = 0
+    seed: int = 1337
+    device: str = "auto"
+    precision: str = "auto"  # auto: fp32 on CPU, bf16 autocast on GPU
+    compile: bool = False
+    max_bad_steps: int = 5
+    tokens_per_step: int = field(init=False, default=0)
+
+    def validate(self, model_cfg: ModelConfig) -> TrainConfig:
+        for name in ("seq_len", "batch_size", "grad_accum", "eval_every", "eval_batches", "ckpt_every"):
+            if getattr(self, name) <= 0:
+                raise TrainError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.schedule not in SCHEDULES:
+            raise TrainError(f"schedule: unknown {self.schedule!r}; choose from {SCHEDULES}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise TrainError(f"precision: unknown {self.precision!r}; choose from auto, fp32, bf16")
+        if self.seq_len > model_cfg.max_position_embeddings:
+            raise TrainError(
+                f"seq_len: {self.seq_len} is longer than the model's max_position_embeddings "
+                f"({model_cfg.max_position_embeddings})"
+            )
+        if self.lr <= 0:
+            raise TrainError(f"lr: must be positive, got {self.lr}")
+        self.tokens_per_step = self.batch_size * self.grad_accum * self.seq_len
+        if self.steps is None:
+            if self.tokens is None:
+                raise TrainError("steps: give --steps or --tokens")
+            self.steps = max(1, math.ceil(self.tokens / self.tokens_per_step))
+        if self.steps <= 0:
+            raise TrainError(f"steps: must be positive, got {self.steps}")
+        return self
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise TrainError(f"device: unknown device {spec!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("device: cuda requested but no GPU is available")
+    return dev
+
+
+class _StopFlag:
+    """Ctrl-C / SIGTERM set a flag; the loop saves and exits at the end of the step. A second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.stop = False
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum, frame):
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. under a test runner thread)
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, batches, autocast) -> float:
+    """Mean next-token loss (nats/token) over the given (x, y) batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        with autocast():
+            logits = model(x).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+        total += loss.item()
+        count += y.numel()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+class Trainer:
+    """Owns the model, optimizer, loader and run directory for one run."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        cfg: TrainConfig,
+        train_loader,
+        val_batches_fn=None,
+        tokenizer_path: str | Path | None = None,
+        bytes_per_token: float | None = None,
+        log=print,
+        progress: bool = True,
+    ):
+        self.cfg = cfg.validate(model_cfg)
+        self.model_cfg = model_cfg
+        self.loader = train_loader
+        self.val_batches_fn = val_batches_fn  # () -> iterable of (x, y) over the validation split
+        self.tokenizer_path = tokenizer_path
+        self.bytes_per_token = bytes_per_token
+        self.log = log
+        self.progress = progress
+        self.run_dir = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
+            if use_bf16
+            else (lambda: nullcontext())
+        )
+        self.precision = "bf16" if use_bf16 else "fp32"
+        torch.manual_seed(cfg.seed)
+        self.model = Transformer(model_cfg, seed=cfg.seed).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.step = 0
+        self.tokens_seen = 0
+        self.bad_steps = 0
+        self.flops_per_token = count_flops(model_cfg, cfg.seq_len).full
+        self.peak, self.peak_source = peak_flops(self.device, self.precision)
+
+    # ---- persistence ---------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "tokens_seen": self.tokens_seen,
+            "loader": self.loader.state_dict(),
+            "train_config": {k: v for k, v in asdict(self.cfg).items()},
+        }
+
+    def save(self) -> Path:
+        path = save_checkpoint(
+            self.run_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            state=self.state(),
+            config=self.model_cfg.to_dict(),
+            tokenizer_path=self.tokenizer_path,
+            keep_last=self.cfg.keep_last,
+        )
+        self.log(f"checkpoint: {path}")
+        return path
+
+    def resume(self) -> bool:
+        ckpt = latest_valid_checkpoint(self.run_dir, log=self.log)
+        if ckpt is None:
+            return False
+        saved_cfg = json.loads((ckpt / "config.json").read_text())
+        if saved_cfg.get("vocab_size") != self.model_cfg.vocab_size:
+            raise CheckpointError(
+                f"{ckpt}: vocab mismatch: checkpoint has vocab_size {saved_cfg.get('vocab_size')}, "
+                f"the tokenizer has {self.model_cfg.vocab_size}"
+            )
+        meta = load_checkpoint(ckpt, self.model, self.optimizer)
+        self.step = meta["step"]
+        self.tokens_seen = meta["tokens_seen"]
+        self.loader.load_state_dict(meta["loader"])
+        self.log(f"resumed from {ckpt} (step {self.step}, {self.tokens_seen:,} tokens)")
+        return True
+
+    def _metrics(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any] | None:
+        cfg, model = self.cfg, self.model
+        lr = cfg.lr * lr_multiplier(self.step, cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        parts = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+        for _ in range(cfg.grad_accum):
+            x, y = self.loader.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.autocast():
+                out = self.forward(x, targets=y)
+            (out.loss / cfg.grad_accum).backward()
+            for k in parts:
+                parts[k] += getattr(out, k).item() / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        self.step += 1
+        self.tokens_seen += cfg.tokens_per_step
+        if not (math.isfinite(parts["loss"]) and math.isfinite(grad_norm)):
+            # Never apply a poisoned update; the step's data is consumed so the run stays deterministic.
+            self.optimizer.zero_grad(set_to_none=True)
+            for m in model.moe_layers():
+                m.tokens_per_expert.zero_()
+            self.bad_steps += 1
+            rec = {"step": self.step, "event": "nonfinite", "loss": parts["loss"], "grad_norm": grad_norm}
+            self._metrics(rec)
+            self.log(f"step {self.step}: non-finite loss/grad ({parts['loss']}, {grad_norm}); update skipped")
+            return None
+        self.bad_steps = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loads = [m.tokens_per_expert.tolist() for m in model.moe_layers()]
+        vios = model.update_balance_bias()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        tok_s = cfg.tokens_per_step / dt
+        rec = {
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            **{k: round(v, 6) for k, v in parts.items()},
+            "lr": lr,
+            "grad_norm": round(grad_norm, 5),
+            "dt": round(dt, 4),
+            "tok_s": round(tok_s, 1),
+            "mfu": round(tok_s * self.flops_per_token / self.peak, 4),
+        }
+        if vios:
+            rec["max_vio"] = round(sum(vios) / len(vios), 4)
+            rec["max_vio_layers"] = [round(v, 4) for v in vios]
+        if loads and (self.step % cfg.eval_every == 0 or self.step == 1 or self.step == cfg.steps):
+            rec["expert_load"] = loads
+        return rec
+
+    def run_eval(self) -> dict[str, Any]:
+        if self.val_batches_fn is None:
+            return {}
+        loss = evaluate(self.model, self.val_batches_fn(), self.autocast)
+        rec = {"step": self.step, "event": "eval", "val_loss": round(loss, 5)}
+        if self.bytes_per_token:
+            rec["val_bpb"] = round(loss / (math.log(2) * self.bytes_per_token), 5)
+        self._metrics(rec)
+        return rec
+
+    def fit(self, sample_fn=None, stop_at: int | None = None) -> dict[str, Any]:
+        """Train to cfg.steps (or until `stop_at`, treated like an interruption: checkpoint and return)."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.run_dir / "config.json", self.model_cfg.to_dict())
+        write_json_atomic(self.run_dir / "train_config.json", asdict(cfg))
+        self.model.train()
+        self.log(
+            f"training {self.model_cfg.name}: {self.model.num_params():,} params, {cfg.steps} steps x "
+            f"{cfg.tokens_per_step:,} tokens, {self.precision} on {self.device}; MFU peak {self.peak / 1e9:.0f} "
+            f"GFLOP/s ({self.peak_source})"
+        )
+        last_eval: dict[str, Any] = {}
+        status = "finished"
+        bar = tqdm(
+            total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True
+        )
+        with _StopFlag() as flag:
+            while self.step < cfg.steps:
+                rec = self.train_step()
+                bar.update(1)
+                if rec is None:
+                    if self.bad_steps >= cfg.max_bad_steps:
+                        status = "diverged"
+                        self.log(
+                            f"stopping: {self.bad_steps} non-finite steps in a row; last checkpoint kept"
+                        )
+                        break
+                    continue
+                self._metrics(rec)
+                bar.set_postfix(
+                    loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tok_s']:.0f}", mfu=f"{rec['mfu']:.0%}"
+                )
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    last_eval = self.run_eval()
+                    if last_eval:
+                        vals = ", ".join(f"{k} {v}" for k, v in last_eval.items() if k.startswith("val"))
+                        self.log(f"step {self.step}: {vals}")
+                if sample_fn and cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.log(f"sample @ {self.step}: {sample_fn(self.model)!r}")
+                if self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                    self.save()
+                if flag.stop or (stop_at is not None and self.step >= stop_at):
+                    status = "interrupted"
+                    break
+        bar.close()
+        if status != "diverged" and self.bad_steps == 0:  # never checkpoint right after a non-finite step
+            self.save()
+        if status == "interrupted":
+            self.log(f"interrupted at step {self.step}; resume with --resume")
+        return {"status": status, "step": self.step, "tokens": self.tokens_seen, **last_eval}
