@@ -280,6 +280,8 @@ def prepare(
     Nothing is redone when the manifest shows the same source fingerprint, tokenizer hash, split settings,
     and the shards have the sizes it records.
 
+    `progress` shows a progress bar (and a note when reusing) on stderr.
+
     Validation takes every document whose hash of (seed, index) falls below `val_fraction`. On a small
     corpus that can be nothing, or one short poem, so if it holds fewer than `min_val_tokens` tokens, the
     training documents with the lowest hashes move over until it does (training always keeps one). Those
@@ -301,6 +303,10 @@ def prepare(
     try:
         old = load_manifest(out_dir)
         if all(old.get(k) == v for k, v in key.items()) and _shards_intact(out_dir, old):
+            if progress:
+                print(
+                    f"prepare: {out_dir} is up to date (same data and tokenizer), reusing it", file=sys.stderr
+                )
             return old
     except (DataError, KeyError, TypeError, ValueError):
         pass  # no manifest, or one we cannot trust: tokenize again
