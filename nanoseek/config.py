@@ -320,6 +320,11 @@ def from_hf_dict(d: dict[str, Any]) -> ModelConfig:
         d["rope_theta"] = rp.get("rope_theta", d.get("rope_theta", 10000.0))
         if rp.get("rope_type", "default") != "default":
             d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+    rs = d.get("rope_scaling")
+    if isinstance(rs, dict) and rs.get("type", rs.get("rope_type")) == "yarn":
+        # transformers' default when the field is absent (released configs always set it)
+        d["rope_scaling"] = rs = dict(rs)
+        rs.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 4096))
     if d.get("q_lora_rank") is None:
         d["q_lora_rank"] = 0
     if d.get("num_nextn_predict_layers") is None:

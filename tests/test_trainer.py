@@ -16,7 +16,7 @@ class ArrayLoader:
         self.gen = torch.Generator().manual_seed(seed)
         self.i = 0
 
-    def next_batch(self):
+    def __next__(self):
         g = torch.Generator().manual_seed(self.i)
         self.i += 1
         starts = torch.randint(0, len(self.tokens) - self.T - 1, (self.B,), generator=g)
@@ -47,7 +47,7 @@ def _trainer(cfg, out, **kw):
         lr=3e-3,
         **kw,
     )
-    val = lambda: [ArrayLoader(_tokens(), 4, 32, 0).next_batch() for _ in range(2)]  # noqa: E731
+    val = lambda: [next(ArrayLoader(_tokens(), 4, 32, 0)) for _ in range(2)]  # noqa: E731
     return Trainer(
         cfg, tc, ArrayLoader(_tokens(), 4, 32), val, bytes_per_token=2.0, log=lambda *a: None, progress=False
     )

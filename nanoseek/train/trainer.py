@@ -245,7 +245,7 @@ class Trainer:
         t0 = time.perf_counter()
         parts = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         for _ in range(cfg.grad_accum):
-            x, y = self.loader.next_batch()
+            x, y = next(self.loader)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.autocast():
                 out = self.forward(x, targets=y)
