@@ -1,0 +1,153 @@
+"""The `nanoseek` command: `inspect` prints the published numbers, `--json` carries every field, bad input
+gives one `nanoseek: error: ...` line and exit status 2 without a traceback (main() catches it, so nothing
+escapes to pytest either)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nanoseek.cli import main
+from nanoseek.config import PRESETS, get_preset, to_hf_dict
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_inspect_v3_prints_the_published_figures(capsys):
+    code, out, err = run(capsys, "inspect", "--preset", "deepseek-v3")
+    assert code == 0 and err == ""
+    for published in (
+        "671,026,419,200",  # main model [REFERENCE §1]
+        "671.03B",
+        "37.55B",  # activated incl. embedding + head
+        "11.61B",  # MTP unique
+        "13.46B",  # MTP as stored
+        "684,489,845,504",  # main + MTP as stored ("685B" [RM])
+        "70,272",  # MLA KV bytes per token [REFERENCE §3]
+        "71.1x",  # vs an MHA twin
+        "2,788,000",  # H800 GPU-hours [V3 Table 1]
+        "$5,576,000",
+        "33.6%",  # implied MFU under 6 N_act
+    ):
+        assert published in out, published
+    assert "no causal halving" in out and "6 N_act" in out  # conventions are stated
+
+
+def test_inspect_defaults_to_v3(capsys):
+    code, out, _ = run(capsys, "inspect")
+    assert code == 0 and out.startswith("deepseek-v3:")
+
+
+def test_inspect_json_has_every_field(capsys):
+    code, out, _ = run(capsys, "inspect", "--preset", "deepseek-v3", "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert set(r) >= {"params", "activated", "flops_per_token", "kv_cache", "cost", "published_v3"}
+    assert r["params"]["main"] == 671_026_419_200
+    assert r["activated"]["with_embedding_and_head"] == 37_552_297_472
+    assert r["kv_cache"]["this_model"] == 576
+    assert round(r["cost"]["gpu_hours"]) == 2_788_000
+    assert r["flops_per_token"]["seq_len"] == 4096
+
+
+def test_inspect_all_lists_every_preset(capsys):
+    code, out, _ = run(capsys, "inspect", "--all")
+    assert code == 0
+    assert all(name in out for name in PRESETS)
+    code, out, _ = run(capsys, "inspect", "--all", "--json")
+    assert code == 0 and set(json.loads(out)) == set(PRESETS)
+
+
+def test_cost_flags_change_the_cost(capsys):
+    argv = ["inspect", "--preset", "tiny", "--json", "--tokens", "1B", "--gpu", "a100", "--mfu", "0.5"]
+    code, out, _ = run(capsys, *argv, "--price", "1.5", "--gpus", "8")
+    cost = json.loads(out)["cost"]
+    assert code == 0
+    assert (cost["tokens"], cost["gpu"], cost["mfu"], cost["n_gpus"]) == (1e9, "A100", 0.5, 8)
+    assert cost["gpu_hours"] == pytest.approx(cost["flops_per_token"] * 1e9 / (312e12 * 0.5) / 3600)
+    assert cost["dollars"] == pytest.approx(1.5 * cost["gpu_hours"])
+    code, out, _ = run(capsys, "inspect", "--json", "--gpu-hours-per-trillion", "180000")
+    assert round(json.loads(out)["cost"]["gpu_hours"]) == 2_664_000  # V3 pre-training [V3 Table 1]
+
+
+def test_inspect_reads_our_json_and_hf_config_files(tmp_path, capsys):
+    ours, hf = tmp_path / "tiny.json", tmp_path / "config.json"
+    get_preset("tiny").save(ours)
+    hf.write_text(json.dumps(to_hf_dict(get_preset("tiny"))))
+    _, direct, _ = run(capsys, "inspect", "--preset", "tiny", "--json")
+    expected = json.loads(direct)["params"]["main"]
+    for path in (ours, hf, tmp_path):  # a folder holding config.json works too
+        code, out, err = run(capsys, "inspect", "--config", str(path), "--json")
+        assert code == 0, err
+        assert json.loads(out)["params"]["main"] == expected
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["inspect", "--preset", "deepseek-v9"], "deepseek-v9"),
+        (["inspect", "--config", "/no/such/config.json"], "not found"),
+        (["inspect", "--config", "{bad}"], "{bad}"),
+        (["inspect", "--tokens", "lots"], "--tokens"),
+        (["inspect", "--tokens", "-5"], "--tokens"),
+        (["inspect", "--mfu", "40"], "--mfu"),
+        (["inspect", "--gpu", "tpu"], "--gpu"),
+        (["inspect", "--gpu", "a100", "--precision", "fp8"], "FP8"),
+        (["inspect", "--preset", "tiny", "--gqa-groups", "64"], "--gqa-groups"),
+        (["inspect", "--preset", "tiny", "--all"], "--all"),
+        (["inspect", "--mfu", "0.3", "--gpu-hours-per-trillion", "1e5"], "--gpu-hours-per-trillion"),
+        (["inspect", "--bogus"], "--bogus"),
+        (["frobnicate"], "frobnicate"),
+        ([], "command"),
+    ],
+)
+def test_bad_input_is_one_error_line_and_status_2(argv, names, capsys):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("nanoseek: error: "), err
+    assert names in err
+
+
+@pytest.mark.parametrize(
+    "content, names",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"hidden_size": 64, "colour": "red"}', "colour"),
+        ('{"num_hidden_layers": -1}', "num_hidden_layers"),
+        ('{"rms_norm_eps": "small"}', "wrong type"),
+        ("[1, 2]", "JSON object"),
+    ],
+)
+def test_bad_config_file_is_one_error_line(tmp_path, content, names, capsys):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    code, out, err = run(capsys, "inspect", "--config", str(path))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("nanoseek: error: ") and names in err, err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["inspect", "--help"]])
+def test_help_everywhere(argv, capsys):
+    code, out, _ = run(capsys, *argv)
+    assert code == 0
+    assert "usage: nanoseek" in out
+    if "inspect" in argv:
+        assert all(
+            flag in out for flag in ("--preset", "--config", "--all", "--json", "--tokens", "--gpu", "--mfu")
+        )
+
+
+def test_python_dash_m_runs_the_command():
+    done = subprocess.run(
+        [sys.executable, "-m", "nanoseek", "inspect", "--preset", "tiny", "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["name"] == "tiny"
