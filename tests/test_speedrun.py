@@ -1,0 +1,43 @@
+import json
+import random
+
+from nanoseek.speedrun import speedrun
+from nanoseek.train.report import read_metrics
+
+
+def _corpus(path):
+    rng = random.Random(0)
+    words = "the king queen lord love night day sword crown heart death fair sweet honour blood".split()
+    path.mkdir()
+    for i in range(30):
+        lines = (" ".join(rng.choice(words) for _ in range(12)) for _ in range(50))
+        (path / f"doc{i}.txt").write_text("\n".join(lines))
+    return path
+
+
+def test_speedrun_quick_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    report = speedrun(
+        out=str(tmp_path / "run"),
+        data=str(_corpus(tmp_path / "data")),
+        quick=True,
+        progress=False,
+        log=lambda *a: None,
+    )
+    run = tmp_path / "run"
+    text = report.read_text()
+    for needle in (
+        "Validation loss",
+        "bits/byte",
+        "MFU",
+        "MaxVio",
+        "## Samples",
+        "Model accounting",
+        "loss.png",
+    ):
+        assert needle in text, needle
+    assert (run / "loss.png").stat().st_size > 1000 and (run / "balance.png").stat().st_size > 1000
+    steps, evals = read_metrics(run)
+    assert len(steps) == 30 and evals[-1]["val_loss"] < evals[0]["val_loss"] < 7
+    assert steps[-1]["lm_loss"] < steps[0]["lm_loss"]
+    assert json.loads((run / "config.json").read_text())["vocab_size"] <= 512
