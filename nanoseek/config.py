@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,8 @@ class ModelConfig:
     )
     num_nextn_predict_layers: int = 1  # MTP depth D
     initializer_range: float = 0.006  # paper init std [V3 §4.2] (HF's default is 0.02)
-    bos_token_id: int = 0
-    eos_token_id: int = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
     # --- nanoseek -------------------------------------------------------------------------------------------
     attention: str = "mla"  # mla | mha | gqa (ablation baselines)
     n_kv_heads: int | None = None  # gqa only: number of K/V heads
@@ -126,6 +127,7 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"{fieldname}: {msg}")
 
+        _check_types(self)
         for f in (
             "vocab_size",
             "hidden_size",
@@ -300,6 +302,28 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes).validate()
+
+
+def _check_types(cfg: ModelConfig) -> None:
+    """Every field has the type its annotation names (JSON gives strings and floats where ints belong)."""
+    hints = typing.get_type_hints(ModelConfig)
+    for f in dataclasses.fields(cfg):
+        v, hint = getattr(cfg, f.name), hints[f.name]
+        allowed = typing.get_args(hint) or (hint,)
+        ok = False
+        for t in allowed:
+            t = typing.get_origin(t) or t
+            if t is type(None):
+                ok |= v is None
+            elif t is float:
+                ok |= isinstance(v, (int, float)) and not isinstance(v, bool)
+            elif t is int:
+                ok |= isinstance(v, int) and not isinstance(v, bool)
+            else:
+                ok |= isinstance(v, t)
+        if not ok:
+            names = " or ".join(getattr(typing.get_origin(t) or t, "__name__", str(t)) for t in allowed)
+            raise ConfigError(f"{f.name}: expected {names}, got {type(v).__name__} {v!r}")
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
