@@ -34,7 +34,9 @@ class PreparedData:
         return val["bytes"] / max(val["tokens"], 1)
 
 
-def prepare_data(data: str, tokenizer: str | None, vocab_size: int, log=print, progress: bool = True) -> PreparedData:
+def prepare_data(
+    data: str, tokenizer: str | None, vocab_size: int, log=print, progress: bool = True
+) -> PreparedData:
     source = open_data(data)
     key = source.fingerprint()[:16]
     if tokenizer:
@@ -51,7 +53,9 @@ def prepare_data(data: str, tokenizer: str | None, vocab_size: int, log=print, p
     data_dir = cache_dir() / "tokens" / f"{key}-{tok.sha256[:12]}"
     manifest = prepare(source, tok, data_dir, progress=progress)
     split = manifest["splits"]
-    log(f"data: {manifest['source']}: {split['train']['tokens']:,} train / {split['val']['tokens']:,} val tokens")
+    log(
+        f"data: {manifest['source']}: {split['train']['tokens']:,} train / {split['val']['tokens']:,} val tokens"
+    )
     return PreparedData(tok, tok_path, data_dir, manifest)
 
 
@@ -60,10 +64,14 @@ def build_trainer(
 ) -> Trainer:
     model_cfg = model_cfg.replace(vocab_size=prepared.tokenizer.vocab_size)
     train_cfg.validate(model_cfg)
-    loader = TokenLoader(prepared.data_dir / "train.bin", train_cfg.batch_size, train_cfg.seq_len, train_cfg.seed)
+    loader = TokenLoader(
+        prepared.data_dir / "train.bin", train_cfg.batch_size, train_cfg.seq_len, train_cfg.seed
+    )
 
     def val_batches():
-        return eval_batches(prepared.data_dir / "val.bin", train_cfg.batch_size, train_cfg.seq_len, train_cfg.eval_batches)
+        return eval_batches(
+            prepared.data_dir / "val.bin", train_cfg.batch_size, train_cfg.seq_len, train_cfg.eval_batches
+        )
 
     run_dir = Path(train_cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +92,9 @@ def sampler(tokenizer: Tokenizer, prompt: str = "\n", max_new_tokens: int = 48):
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
 
     def sample(model) -> str:
-        ids = generate(model, bos + tokenizer.encode(prompt), max_new_tokens, temperature=0.8, top_k=50, seed=0)
+        ids = generate(
+            model, bos + tokenizer.encode(prompt), max_new_tokens, temperature=0.8, top_k=50, seed=0
+        )
         model.train()
         return prompt + tokenizer.decode(ids)
 
