@@ -322,7 +322,15 @@ def prepare(
     train, val = (_ShardWriter(out_dir / f"{split}.bin", dtype) for split in ("train", "val"))
     held = _HeldBack(min_val_tokens)
     total = None if any(p.suffix.lower() == ".parquet" for p in source.files) else source.total_bytes
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="prepare",
+        disable=not progress,
+        file=sys.stderr,
+        delay=1.0,
+    )  # delay: small corpora finish before a bar would show
     try:
         index = 0
         for docs in _batches(source.documents(), ENCODE_BATCH_CHARS):

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
 from nanoseek import data
+from nanoseek.cli import main
 from nanoseek.data import (
     DataError,
     DataSource,
@@ -428,3 +429,54 @@ def test_loader_reads_dtype_from_manifest(corpus, tok, tmp_path):
 def test_bits_per_byte():
     assert bits_per_byte(math.log(2), n_tokens=10, n_bytes=10) == pytest.approx(1.0)
     assert bits_per_byte(2.0, n_tokens=300, n_bytes=1000) == pytest.approx(2.0 * 0.3 / math.log(2))
+
+
+# --- Command line ----------------------------------------------------------------------------------------------
+def test_cli_trains_a_tokenizer_and_prepares_shards(corpus, tmp_path, capsys):
+    folder, _ = corpus
+    tok_path, out = tmp_path / "tok.json", tmp_path / "prep"
+    assert (
+        main(["tokenizer", "train", "--data", str(folder), "--vocab-size", "300", "--out", str(tok_path)])
+        == 0
+    )
+    assert Tokenizer.load(tok_path).vocab_size <= 300 and "tok.json: vocab" in capsys.readouterr().out
+    argv = ["prepare", "--data", str(folder), "--tokenizer", str(tok_path), "--out", str(out)]
+    assert main([*argv, "--val-fraction", "0.1", "--seed", "3"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 3 and manifest["tokenizer_sha256"] == Tokenizer.load(tok_path).sha256
+    assert "tokens/byte" in capsys.readouterr().out
+    assert main([*argv, "--val-fraction", "0.1", "--seed", "3"]) == 0
+    assert "reusing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["prepare", "--data", "{tmp}/nope", "--tokenizer", "{tok}", "--out", "{tmp}/o"],
+            "nope: no such file",
+        ),
+        (["prepare", "--data", "{tmp}/bad.jsonl", "--tokenizer", "{tok}", "--out", "{tmp}/o"], "on line 2"),
+        (
+            ["prepare", "--data", "{tmp}/bad.jsonl", "--tokenizer", "{tmp}/none.json", "--out", "{tmp}/o"],
+            "none.json",
+        ),
+        (["tokenizer", "train", "--data", "{tmp}/empty", "--out", "{tmp}/t.json"], "empty data"),
+        (
+            ["tokenizer", "train", "--data", "{tmp}/bad.jsonl", "--vocab-size", "100"],
+            "vocab_size must exceed",
+        ),
+        (["tokenizer"], "choose a tokenizer action"),
+    ],
+)
+def test_cli_errors_are_one_line(argv, message, tok, tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n')
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    tok.save(tmp_path / "tok.json")
+    argv = [a.format(tmp=tmp_path, tok=tmp_path / "tok.json") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.endswith("\n")
+    last = err.splitlines()[-1]  # (a progress bar may precede it on a slow corpus)
+    assert last.startswith("nanoseek: error: ") and message in last
