@@ -319,7 +319,7 @@ def prepare(
     out_dir.mkdir(parents=True, exist_ok=True)
     # From here the old shards are being replaced: without a manifest they can never be mistaken for valid.
     (out_dir / "manifest.json").unlink(missing_ok=True)
-    train, val = (_ShardWriter(out_dir / f"{split}.bin", dtype) for split in ("train", "val"))
+    train, val = (_ShardWriter(out_dir / f"{split}.bin") for split in ("train", "val"))
     held = _HeldBack(min_val_tokens)
     total = None if any(p.suffix.lower() == ".parquet" for p in source.files) else source.total_bytes
     bar = tqdm(
@@ -430,10 +430,10 @@ def _shards_intact(out_dir: Path, manifest: dict) -> bool:
 
 
 class _ShardWriter:
-    """Appends token arrays to `<name>.tmp`; `finish` renames it into place, `abort` deletes it."""
+    """Appends token arrays to a hidden temporary file; `finish` renames it into place, `abort` deletes it."""
 
-    def __init__(self, path: Path, dtype: np.dtype):
-        self.path, self.dtype = path, dtype
+    def __init__(self, path: Path):
+        self.path = path
         self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         self.file = open(self.tmp, "wb")
         self.buffer: list[np.ndarray] = []
