@@ -10,14 +10,21 @@ from pathlib import Path
 
 
 def load(path: str | Path, **kwargs):
-    """Load a model from a folder. Today: a Hugging Face DeepSeek-V3/V2 checkpoint (config.json with a
-    `model_type` + safetensors); keyword arguments go to `nanoseek.hf.load_hf` (dtype, device)."""
+    """Load a model (eval mode) from a folder: a nanoseek run or checkpoint (newest valid checkpoint, checksums
+    verified), or a Hugging Face DeepSeek-V3/V2 checkpoint (config.json with a `model_type` + safetensors).
+    Keyword arguments: dtype, device."""
     from nanoseek import hf
 
+    path = Path(path)
+    if (path / "checkpoints").is_dir() or (path / "state.json").exists():
+        from nanoseek.train.checkpoint import load_model
+
+        return load_model(path, **kwargs)
     if hf.is_hf_checkpoint(path):
         return hf.load_hf(path, **kwargs)
     raise ValueError(
-        f"{path}: not a checkpoint folder nanoseek can load (expected config.json with a model_type)"
+        f"{path}: not a folder nanoseek can load (expected a nanoseek run/checkpoint, or config.json with a "
+        "model_type + safetensors)"
     )
 
 

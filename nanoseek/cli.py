@@ -79,10 +79,7 @@ def fraction(text: str) -> float:
 
 def load_config(path: str) -> ModelConfig:
     """A config file (our JSON, an HF config.json, or a checkpoint folder holding one)."""
-    try:
-        return ModelConfig.load(path)
-    except TypeError as e:  # a field of the wrong JSON type that validation compares before checking
-        raise ConfigError(f"config: {path} has a field of the wrong type ({e})") from None
+    return ModelConfig.load(path)  # validation names a field of the wrong type
 
 
 # ---- inspect -----------------------------------------------------------------------------------------------
@@ -286,6 +283,198 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- train / sample / speedrun ---------------------------------------------------------------------------
+def _add_model_flags(p) -> None:
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default tiny)")
+    which.add_argument(
+        "--config", metavar="PATH", help="model config JSON (ours or a Hugging Face config.json)"
+    )
+    a = p.add_argument_group("ablation switches (override the preset)")
+    a.add_argument("--attention", choices=("mla", "mha", "gqa"), help="attention kind")
+    a.add_argument("--n-kv-heads", type=positive_int, help="K/V heads for --attention gqa")
+    a.add_argument("--ffn", choices=("moe", "dense"), help="feed-forward kind")
+    a.add_argument("--balancing", choices=("aux_free", "aux_loss", "none"), help="MoE load balancing")
+    a.add_argument("--mtp-depth", type=int, help="MTP modules D (0 = off)")
+    a.add_argument("--mtp-lambda", type=non_negative_number, help="MTP loss weight lambda")
+
+
+def _model_config(args, fallback: ModelConfig | None = None) -> ModelConfig:
+    if args.config:
+        cfg = load_config(args.config)
+    elif args.preset or fallback is None:
+        cfg = get_preset(args.preset or "tiny")
+    else:
+        cfg = fallback
+    changes = {
+        "attention": args.attention,
+        "n_kv_heads": args.n_kv_heads,
+        "ffn": args.ffn,
+        "balancing": args.balancing,
+        "num_nextn_predict_layers": args.mtp_depth,
+        "mtp_lambda": args.mtp_lambda,
+    }
+    return cfg.replace(**{k: v for k, v in changes.items() if v is not None})
+
+
+def add_train_parser(sub) -> None:
+    from nanoseek.train.optim import SCHEDULES
+
+    p = sub.add_parser(
+        "train",
+        help="pretrain a model (checkpoints, resume, metrics.jsonl)",
+        description="Pretrain a DeepSeek-V3-architecture model: main + MTP + balance losses, AdamW, the "
+        "multi-step LR schedule, aux-loss-free bias updates. Writes OUT/metrics.jsonl and atomic checkpoints "
+        "(OUT/checkpoints/step_*); --resume continues bit-identically. Ctrl-C saves and exits.",
+    )
+    _add_model_flags(p)
+    p.add_argument("--data", default="default", metavar="PATH|default", help=_DATA_HELP)
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json (default: train one on the data)")
+    p.add_argument(
+        "--vocab-size", type=positive_int, default=4096, help="vocab of the trained tokenizer (4096)"
+    )
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=positive_int, help="optimizer steps")
+    length.add_argument("--tokens", type=positive_int, help="training tokens (alternative to --steps)")
+    p.add_argument("--out", default="runs/default", metavar="DIR", help="run folder (default runs/default)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="sequence length (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per micro-batch (16)")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step (1)")
+    p.add_argument("--lr", type=positive_number, default=3e-3, help="peak learning rate (3e-3)")
+    p.add_argument("--warmup-steps", type=int, default=30, help="linear warmup steps (30)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="multistep", help="LR schedule (multistep)")
+    p.add_argument("--min-lr-ratio", type=non_negative_number, default=0.1, help="cosine/wsd floor (0.1)")
+    p.add_argument("--weight-decay", type=non_negative_number, default=0.1, help="AdamW decay (0.1)")
+    p.add_argument("--grad-clip", type=positive_number, default=1.0, help="gradient-norm clip (1.0)")
+    p.add_argument("--eval-every", type=positive_int, default=100, help="validate every N steps (100)")
+    p.add_argument("--eval-batches", type=positive_int, default=16, help="validation batches (16)")
+    p.add_argument("--ckpt-every", type=positive_int, default=200, help="checkpoint every N steps (200)")
+    p.add_argument("--keep-last", type=positive_int, default=3, help="checkpoints kept (3)")
+    p.add_argument("--sample-every", type=int, default=0, help="print a sample every N steps (0 = never)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of init and data order (1337)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: fp32 CPU, bf16 GPU"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nanoseek.train.run import build_trainer, prepare_data, sampler
+    from nanoseek.train.trainer import TrainConfig
+
+    saved = Path(args.out) / "config.json"
+    fallback = ModelConfig.load(saved) if args.resume and saved.exists() else None
+    model_cfg = _model_config(args, fallback)
+    if args.steps is None and args.tokens is None and not args.resume:
+        raise UsageError("give --steps or --tokens")
+    if args.resume and args.steps is None and args.tokens is None:
+        saved_train = Path(args.out) / "train_config.json"
+        if not saved_train.exists():
+            raise UsageError(f"--resume: {args.out} has no train_config.json; give --steps or --tokens")
+        args.steps = json.loads(saved_train.read_text())["steps"]
+    tcfg = TrainConfig(
+        out=args.out,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        steps=args.steps,
+        tokens=args.tokens,
+        lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup_steps,
+        schedule=args.schedule,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        ckpt_every=args.ckpt_every,
+        keep_last=args.keep_last,
+        sample_every=args.sample_every,
+        seed=args.seed,
+        device=args.device,
+        precision=args.precision,
+        compile=args.compile,
+    )
+    progress = not args.no_progress
+    prepared = prepare_data(args.data, args.tokenizer, args.vocab_size, progress=progress)
+    trainer = build_trainer(model_cfg, tcfg, prepared, progress=progress)
+    if args.resume and not trainer.resume():
+        print(f"nanoseek: no checkpoint in {args.out} yet; starting from scratch", file=sys.stderr)
+    result = trainer.fit(sample_fn=sampler(prepared.tokenizer) if args.sample_every else None)
+    print(json.dumps(result))
+    return 0 if result["status"] != "diverged" else 1
+
+
+def add_sample_parser(sub) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="generate text from a trained run",
+        description="Generate text from a "
+        "run's newest valid checkpoint (or a given checkpoint folder) with its own tokenizer.",
+    )
+    p.add_argument("--run", required=True, metavar="DIR", help="run folder or checkpoint folder")
+    p.add_argument("--prompt", default="\n", help="prompt text (default: a newline)")
+    p.add_argument("--max-tokens", type=positive_int, default=200, help="new tokens (200)")
+    p.add_argument("--temperature", type=non_negative_number, default=0.8, help="0 = greedy (0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the top k (50; 0 = all)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("-n", "--num-samples", type=positive_int, default=1, help="samples (1)")
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from nanoseek.sample import generate
+    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.train.checkpoint import load_model, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.run)
+    model = load_model(ckpt)
+    tok = Tokenizer.load(ckpt / "tokenizer.json")
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ConfigError(
+            f"{ckpt}: tokenizer has {tok.vocab_size} tokens, the model only {model.cfg.vocab_size}"
+        )
+    prompt = args.prompt
+    ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
+    stop = {tok.eos_id} if tok.eos_id is not None else None
+    for i in range(args.num_samples):
+        seed = None if args.seed is None else args.seed + i
+        out = generate(model, ids, args.max_tokens, args.temperature, args.top_k or None, stop, seed)
+        print(prompt + tok.decode(out))
+        if i + 1 < args.num_samples:
+            print("-" * 40)
+    return 0
+
+
+def add_speedrun_parser(sub) -> None:
+    p = sub.add_parser(
+        "speedrun",
+        help="the end-to-end run behind `make run`",
+        description="Train a tokenizer, "
+        "pretrain the tiny DeepSeek-V3 model on the data, evaluate, sample, write OUT/report.md.",
+    )
+    p.add_argument("--out", default="runs/speedrun", metavar="DIR", help="run folder (runs/speedrun)")
+    p.add_argument("--data", default="default", metavar="PATH|default", help=_DATA_HELP)
+    p.add_argument("--steps", type=positive_int, help="override the number of steps")
+    p.add_argument("--quick", action="store_true", help="a < 1 minute version for smoke tests")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted speedrun")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_speedrun)
+
+
+def cmd_speedrun(args: argparse.Namespace) -> int:
+    from nanoseek.speedrun import speedrun
+
+    speedrun(args.out, args.data, args.quick, args.steps, args.resume, progress=not args.no_progress)
+    return 0
+
+
 # ---- dispatcher --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nanoseek", description="nanoseek: DeepSeek-V3 from scratch in PyTorch.")
@@ -293,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_parser(sub)
     add_tokenizer_parser(sub)
     add_prepare_parser(sub)
+    add_train_parser(sub)
+    add_sample_parser(sub)
+    add_speedrun_parser(sub)
     return parser
 
 

@@ -29,7 +29,9 @@ def generate(
     max_pos = model.cfg.max_position_embeddings
     total = min(len(prompt) + max_new_tokens, max_pos)
     if len(prompt) >= total:
-        raise ValueError(f"prompt: {len(prompt)} tokens leave no room under max_position_embeddings={max_pos}")
+        raise ValueError(
+            f"prompt: {len(prompt)} tokens leave no room under max_position_embeddings={max_pos}"
+        )
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed if seed is not None else torch.seed() % (1 << 63))
     cache = model.make_cache(1, total)

@@ -105,3 +105,17 @@ def test_tied_embeddings_are_stored_once(tiny_cfg, tmp_path):
     assert model2.head.weight is model2.embed.weight
     assert torch.equal(model2.head.weight, model.head.weight)
     assert json.loads((path / "state.json").read_text())["files"]["model.safetensors"]
+
+
+def test_nanoseek_load_reads_a_run_folder(tiny_cfg, tmp_path):
+    import nanoseek
+
+    model, _ = _trained(tiny_cfg)
+    ck.save_checkpoint(tmp_path, 3, model, config=tiny_cfg.to_dict())
+    loaded = nanoseek.load(tmp_path)
+    assert not loaded.training
+    x = torch.randint(0, 256, (1, 8))
+    model.eval()
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+    with pytest.raises(ck.CheckpointError, match="no valid checkpoint"):
+        ck.load_model(tmp_path / "checkpoints")

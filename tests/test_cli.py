@@ -120,7 +120,7 @@ def test_bad_input_is_one_error_line_and_status_2(argv, names, capsys):
         ("{not json", "not valid JSON"),
         ('{"hidden_size": 64, "colour": "red"}', "colour"),
         ('{"num_hidden_layers": -1}', "num_hidden_layers"),
-        ('{"rms_norm_eps": "small"}', "wrong type"),
+        ('{"rms_norm_eps": "small"}', "rms_norm_eps: expected float"),
         ("[1, 2]", "JSON object"),
     ],
 )
@@ -151,3 +151,48 @@ def test_python_dash_m_runs_the_command():
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["name"] == "tiny"
+
+
+def _corpus(path):
+    import random
+
+    rng = random.Random(0)
+    words = "the king queen lord love night day sword crown heart death fair sweet honour blood".split()
+    path.mkdir()
+    for i in range(30):
+        (path / f"d{i}.txt").write_text(
+            "\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(40))
+        )
+    return path
+
+
+def test_train_resume_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    data, out = str(_corpus(tmp_path / "data")), str(tmp_path / "run")
+    common = ["--data", data, "--vocab-size", "400", "--seq-len", "32", "--batch-size", "4", "--out", out]
+    code, stdout, _ = run(capsys, "train", *common, "--steps", "4", "--ckpt-every", "2", "--no-progress")
+    assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["status"] == "finished"
+    code, stdout, _ = run(
+        capsys, "train", *common, "--steps", "6", "--resume", "--no-progress", "--mtp-depth", "1"
+    )
+    assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["step"] == 6
+    code, stdout, _ = run(
+        capsys, "sample", "--run", out, "--prompt", "the king", "--max-tokens", "5", "--seed", "0"
+    )
+    assert code == 0 and stdout.startswith("the king")
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["train", "--data", "/no/such/dir", "--steps", "2"], "/no/such/dir"),
+        (["train", "--steps", "0"], "--steps"),
+        (["train"], "--steps or --tokens"),
+        (["train", "--steps", "2", "--attention", "gqa"], "n_kv_heads"),
+        (["train", "--steps", "2", "--preset", "nope"], "--preset"),
+        (["sample", "--run", "/no/such/run"], "/no/such/run"),
+    ],
+)
+def test_train_and_sample_bad_input_is_one_line(argv, names, capsys):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("nanoseek: error: ") and names in err, err

@@ -487,7 +487,7 @@ def test_non_deepseek_config_is_rejected(saved):
     with pytest.raises(ValueError, match="model_type.*llama"):
         nanoseek.load(saved)
     os.remove(saved / "config.json")
-    with pytest.raises(ValueError, match="not a checkpoint folder"):
+    with pytest.raises(ValueError, match="not a folder nanoseek can load"):
         nanoseek.load(saved)
 
 

@@ -27,12 +27,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from nanoseek.config import ModelConfig
+from nanoseek.hf import CheckpointError
+from nanoseek.model import Transformer
+
 STATE_FILE = "state.json"
 FORMAT = "nanoseek-checkpoint-v1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or corrupt; the message names the file."""
 
 
 def _sha256(path: Path) -> str:
@@ -242,3 +242,31 @@ def latest_valid_checkpoint(run_dir: str | Path, log=print) -> Path | None:
         except CheckpointError as e:
             log(f"warning: skipping {e}")
     return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (its newest checkpoint that verifies)."""
+    path = Path(path)
+    if (path / STATE_FILE).exists():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run or checkpoint folder")
+    ckpt = latest_valid_checkpoint(path, log=lambda m: None)
+    if ckpt is None:
+        raise CheckpointError(f"{path}: no valid checkpoint in this run folder")
+    return ckpt
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Transformer:
+    """The model of a run (newest valid checkpoint) or of one checkpoint folder, verified, in eval mode."""
+    ckpt = resolve_checkpoint(path)
+    read_state(ckpt)  # checksums first: never build a model from a corrupt file
+    cfg = ModelConfig.load(ckpt / "config.json")
+    with torch.device(device):
+        model = Transformer(cfg)  # init is overwritten; building for real keeps non-persistent buffers right
+    load_model_tensors(model, _load_safetensors(ckpt / "model.safetensors"), str(ckpt / "model.safetensors"))
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()

@@ -351,4 +351,5 @@ class Trainer:
             self.save()
         if status == "interrupted":
             self.log(f"interrupted at step {self.step}; resume with --resume")
-        return {"status": status, "step": self.step, "tokens": self.tokens_seen, **last_eval}
+        evals = {k: v for k, v in last_eval.items() if k.startswith("val")}
+        return {"status": status, "step": self.step, "tokens": self.tokens_seen, **evals}
