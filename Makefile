@@ -24,8 +24,8 @@ $(DEVSTAMP): $(BIN)/python pyproject.toml
 	touch $@ $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/nanoseek inspect --preset deepseek-v3
 	$(BIN)/nanoseek inspect --all
+	$(BIN)/nanoseek speedrun --out runs/speedrun
 
 test: $(DEVSTAMP)
 	$(BIN)/ruff check nanoseek tests benchmarks
@@ -40,7 +40,7 @@ lint: $(DEVSTAMP)
 	$(BIN)/ruff format nanoseek tests benchmarks
 
 bench: $(DEVSTAMP)
-	$(BIN)/python benchmarks/bench_moe.py
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
