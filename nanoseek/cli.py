@@ -475,6 +475,64 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_ablate_parser(sub) -> None:
+    p = sub.add_parser(
+        "ablate",
+        help="like-for-like ablations: MLA/MHA/GQA, MoE/dense, balancing, MTP",
+        description="Train variants that differ in one switch on the same data, tokens and seed; write a table "
+        "and plots (default docs/ablations.md). Finished variants are reused when re-run.",
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--preset", choices=sorted(PRESETS), help="base model preset (default tiny)")
+    which.add_argument("--config", metavar="PATH", help="base model config JSON")
+    p.add_argument(
+        "--groups", default="attention,ffn,balancing,mtp", help="comma-separated groups (all four)"
+    )
+    p.add_argument("--data", default="default", metavar="PATH|default", help=_DATA_HELP)
+    p.add_argument("--vocab-size", type=positive_int, default=4096, help="tokenizer vocab (4096)")
+    p.add_argument("--steps", type=positive_int, default=400, help="steps per variant (400)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="sequence length (256)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step (16)")
+    p.add_argument("--lr", type=positive_number, default=3e-3, help="peak learning rate (3e-3)")
+    p.add_argument("--eval-every", type=positive_int, default=50, help="validate every N steps (50)")
+    p.add_argument("--seed", type=int, default=1337, help="seed (1337)")
+    p.add_argument("--out", default="runs/ablate", metavar="DIR", help="runs folder (runs/ablate)")
+    p.add_argument("--doc", default="docs/ablations.md", metavar="PATH", help="Markdown output")
+    p.set_defaults(func=cmd_ablate)
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nanoseek.train.ablate import GROUPS, ablate
+    from nanoseek.train.run import prepare_data
+    from nanoseek.train.trainer import TrainConfig
+
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    for g in groups:
+        if g not in GROUPS:
+            raise UsageError(f"argument --groups: unknown group {g!r}; choose from {', '.join(GROUPS)}")
+    base = load_config(args.config) if args.config else get_preset(args.preset or "tiny")
+    tcfg = TrainConfig(
+        out=args.out,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        eval_batches=32,
+        ckpt_every=max(args.steps // 2, 1),
+        keep_last=1,
+        seed=args.seed,
+        warmup_steps=min(30, args.steps // 10),
+    )
+    prepared = prepare_data(args.data, None, args.vocab_size)
+    tcfg.validate(base.replace(vocab_size=prepared.tokenizer.vocab_size))
+    command = "nanoseek " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["ablate"] else "nanoseek ablate"
+    ablate(base, tcfg, prepared, groups, args.out, Path(args.doc), command)
+    return 0
+
+
 # ---- dispatcher --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nanoseek", description="nanoseek: DeepSeek-V3 from scratch in PyTorch.")
@@ -485,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_sample_parser(sub)
     add_speedrun_parser(sub)
+    add_ablate_parser(sub)
     return parser
 
 

@@ -189,6 +189,9 @@ class Trainer:
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.step = 0
         self.tokens_seen = 0
+        self.train_seconds = (
+            0.0  # optimizer-step wall time so far (resumable): the x-axis of equal-time comparisons
+        )
         self.bad_steps = 0
         self.flops_per_token = count_flops(model_cfg, cfg.seq_len).full
         self.peak, self.peak_source = peak_flops(self.device, self.precision)
@@ -197,6 +200,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {
             "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
             "loader": self.loader.state_dict(),
             "train_config": {k: v for k, v in asdict(self.cfg).items()},
         }
@@ -228,6 +232,7 @@ class Trainer:
         meta = load_checkpoint(ckpt, self.model, self.optimizer)
         self.step = meta["step"]
         self.tokens_seen = meta["tokens_seen"]
+        self.train_seconds = meta.get("train_seconds", 0.0)
         self.loader.load_state_dict(meta["loader"])
         self.log(f"resumed from {ckpt} (step {self.step}, {self.tokens_seen:,} tokens)")
         return True
@@ -273,6 +278,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        self.train_seconds += dt
         tok_s = cfg.tokens_per_step / dt
         rec = {
             "step": self.step,
@@ -295,7 +301,12 @@ class Trainer:
         if self.val_batches_fn is None:
             return {}
         loss = evaluate(self.model, self.val_batches_fn(), self.autocast)
-        rec = {"step": self.step, "event": "eval", "val_loss": round(loss, 5)}
+        rec = {
+            "step": self.step,
+            "event": "eval",
+            "val_loss": round(loss, 5),
+            "train_seconds": round(self.train_seconds, 2),
+        }
         if self.bytes_per_token:
             rec["val_bpb"] = round(loss / (math.log(2) * self.bytes_per_token), 5)
         self._metrics(rec)
