@@ -13,68 +13,25 @@ ConfigError (a ValueError), other ValueErrors and OSErrors into that line. Anyth
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 
+from nanoseek.argtypes import (
+    UsageError,
+    fraction,
+    non_negative_number,
+    positive_int,
+    positive_number,
+)
 from nanoseek.config import PRESETS, ConfigError, ModelConfig, get_preset
-
-
-class UsageError(Exception):
-    """Bad command-line input; reported as one line."""
 
 
 class _Parser(argparse.ArgumentParser):
     # argparse prints the usage block and exits; we want one line and control of the exit in main().
     def error(self, message: str):
         raise UsageError(message)
-
-
-# ---- argument types: an ArgumentTypeError becomes "argument --x: ..." -------------------------------------
-_SUFFIXES = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
-
-
-def _number(text: str) -> float:
-    """'14.8e12', '14.8T', '180000', '2.5' -> float (K/M/B/T suffixes allowed)."""
-    s = text.strip()
-    scale = _SUFFIXES.get(s[-1:].upper(), 1.0) if s else 1.0
-    if scale != 1.0:
-        s = s[:-1]
-    try:
-        value = float(s) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 14.8e12 or 14.8T)") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def positive_number(text: str) -> float:
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
-
-
-def non_negative_number(text: str) -> float:
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = _number(text)
-    if value <= 0 or not value.is_integer():
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return int(value)
-
-
-def fraction(text: str) -> float:
-    value = _number(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1], e.g. 0.35 for 35%")
-    return value
 
 
 def load_config(path: str) -> ModelConfig:
@@ -533,7 +490,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- dispatcher --------------------------------------------------------------------------------------------
+# ---- dispatcher ----
+# Areas keep their subcommands next to their code: each module has `add_parsers(sub)` registering
+# `add_parser(...).set_defaults(func=...)` pairs, and imports torch-heavy code only inside the handlers.
+AREA_COMMANDS: list[str] = []
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nanoseek", description="nanoseek: DeepSeek-V3 from scratch in PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -544,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_parser(sub)
     add_speedrun_parser(sub)
     add_ablate_parser(sub)
+    for name in AREA_COMMANDS:
+        importlib.import_module(name).add_parsers(sub)
     return parser
 
 
