@@ -1,0 +1,116 @@
+"""Training throughput: our training step vs transformers' DeepseekV3ForCausalLM on the identical model and batch.
+
+Issue 3 §6. Both sides run one full optimizer step (forward with loss, backward, AdamW step, zero_grad) in fp32
+on the CPU, timed in interleaved rounds, on the same weights (ours saved with `save_hf`, loaded by transformers)
+and the same token batch. Defaults are transformers' own: `grouped_mm` experts, `sdpa` attention. MTP is off on
+our side (transformers has no MTP training path), our aux-loss-free balancing stays on (its cost is ours to pay).
+
+Model FLOPs per token count every matmul of the step (`accounting.count_flops(...).full`, attention over the
+whole l_seq as DeepSeek LLM's M does); MFU divides by the fp32 matmul peak measured in this same process.
+Targets (issue 3): >= 1.3x transformers, and >= 65% of the measured peak on `small`.
+
+    python benchmarks/bench_train.py            # ~2-3 minutes on 2 cores
+    python benchmarks/bench_train.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import matmul_gflops, print_machine_info, time_interleaved  # noqa: E402
+
+from nanoseek.accounting import count_flops, count_params  # noqa: E402
+from nanoseek.config import get_preset  # noqa: E402
+from nanoseek.model import Transformer  # noqa: E402
+from nanoseek.train.optim import make_optimizer  # noqa: E402
+
+
+def ours_step(model, opt, x, y):
+    def step():
+        out = model(x, targets=y)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_balance_bias()
+
+    return step
+
+
+def hf_step(model, opt, x, y):
+    def step():
+        out = model(input_ids=x, labels=y)  # transformers shifts labels inside; same token count
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench(name: str, cfg, batch: int, seq: int, warmup: int, iters: int, with_hf: bool) -> dict:
+    torch.manual_seed(0)
+    ours = Transformer(cfg).train()
+    opt = make_optimizer(ours, 1e-4)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    fns = {"nanoseek": ours_step(ours, opt, x, y)}
+    if with_hf:
+        import transformers
+
+        from nanoseek.hf import save_hf
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_hf(ours, tmp)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).train()
+        hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        fns["transformers"] = hf_step(hf, hf_opt, x, x)  # HF labels = inputs (it shifts internally)
+    times = time_interleaved(fns, warmup, iters)
+    flops_tok = count_flops(cfg, seq).full
+    n_tok = batch * seq
+    res = {}
+    for k, ts in times.items():
+        med, best = statistics.median(ts), min(ts)
+        res[k] = {"tok_s": n_tok / med, "tok_s_best": n_tok / best, "gflops": n_tok * flops_tok / med / 1e9}
+    p = count_params(cfg)
+    print(f"\n{name}: {p.main / 1e6:.1f}M total / {p.activated_non_embedding / 1e6:.1f}M activated non-embedding, "
+          f"batch {batch} x {seq}, {flops_tok / 1e6:.1f} MFLOP/token (full step)")
+    for k, r in res.items():
+        print(f"  {k:13s} {r['tok_s']:8,.0f} tok/s median ({r['tok_s_best']:,.0f} best)  {r['gflops']:6.1f} GFLOP/s")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    iters, warmup = (3, 1) if args.quick else (8, 2)
+    print("machine:")
+    print_machine_info()
+    peak0 = matmul_gflops(2048, 2048, 2048)
+    print(f"fp32 matmul peak (2048^3): {peak0:.1f} GFLOP/s")
+
+    # The issue's comparison config: hidden 256, 4 layers, 64 experts top-6, batch 8 x 256 (~25M / 8M).
+    cmp_cfg = get_preset("small").replace(num_hidden_layers=4, num_nextn_predict_layers=0, name="small-4L")
+    cmp = bench("vs transformers (small, 4 layers, no MTP)", cmp_cfg, 8, 256, warmup, iters, with_hf=True)
+    small = bench("small preset (6 layers, MTP D=1)", get_preset("small"), 8, 256, warmup, iters, with_hf=False)
+    tiny = bench("tiny preset (2 layers, MTP D=1)", get_preset("tiny"), 16, 256, warmup, iters, with_hf=False)
+    peak1 = matmul_gflops(2048, 2048, 2048)
+    peak = max(peak0, peak1)
+    print(f"\nfp32 matmul peak after: {peak1:.1f} GFLOP/s; using the max, {peak:.1f}")
+    ratio = cmp["nanoseek"]["tok_s"] / cmp["transformers"]["tok_s"]
+    print(f"\nRESULT ours / transformers training step: {ratio:.2f}x (target >= 1.3x)")
+    for name, r in (("small", small), ("tiny", tiny), ("small-4L", cmp)):
+        print(f"RESULT {name}: {r['nanoseek']['tok_s']:,.0f} tok/s, MFU {r['nanoseek']['gflops'] / peak:.1%} of the "
+              "measured fp32 peak (target >= 65% on small)")
+    print(f"RESULT transformers: MFU {cmp['transformers']['gflops'] / peak:.1%}")
+
+
+if __name__ == "__main__":
+    main()
