@@ -52,7 +52,9 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
     return False
 
 
-def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def grouped_linear(
+    x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor
+) -> torch.Tensor:
     """Rows of x sorted by expert ([N, in]) times each expert's weight w [E, out, in] -> [N, out]."""
     if _grouped_mm_ok(x):
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
@@ -119,10 +121,15 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=self.n_experts)
         offs = counts.cumsum(0).to(torch.int32)
         token = order // K
-        x_sorted = x[token]  # [T*K, d], each expert's rows contiguous
-        h = F.silu(grouped_linear(x_sorted, self.w1, counts, offs)) * grouped_linear(x_sorted, self.w3, counts, offs)
-        y = grouped_linear(h, self.w2, counts, offs)  # [T*K, d]
-        y = y * weights.flatten()[order].unsqueeze(-1).to(y.dtype)
+        # index_select, not x[token]: on CPU the backward of advanced indexing is an accumulating index_put_
+        # (~30 ms fwd+bwd at 24k x 256 rows), index_select's is index_add_ (~4 ms).
+        x_sorted = x.index_select(0, token)  # [T*K, d], each expert's rows contiguous
+        gate_weight = weights.flatten().index_select(0, order).unsqueeze(-1).to(x.dtype)  # [T*K, 1]
+        h1 = grouped_linear(x_sorted, self.w1, counts, offs)  # [T*K, I]
+        h3 = grouped_linear(x_sorted, self.w3, counts, offs)
+        # w2 is linear, so the gate weight can scale h [T*K, I] instead of the output [T*K, d]: fewer elements
+        # whenever I < d, as in every DeepSeek config.
+        y = grouped_linear(F.silu(h1) * h3 * gate_weight, self.w2, counts, offs)  # [T*K, d]
         return torch.zeros_like(x).index_add_(0, token, y)
 
 

@@ -1,0 +1,74 @@
+"""Helpers shared by the benchmarks: machine info, the fp32 matmul peak, interleaved timing.
+
+The CPU machines these run on are shared and drift by +-30% between (and within) runs, so:
+- the matmul peak that MFU figures divide by is measured in the same process, before and after the timings;
+- the contenders of one comparison are timed in interleaved rounds (A B C, A B C, ...), so a slow spell hits all
+  of them, and both the median and the best round are reported (noise only ever adds time);
+- the 1-minute load average is printed, because other jobs on the machine are the largest source of noise.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, str]:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return {
+        "cpu": f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})",
+        "logical cores": str(os.cpu_count()),
+        "torch threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load avg (1 min) at start": f"{load:.2f}",
+    }
+
+
+def print_machine_info() -> None:
+    for key, value in machine_info().items():
+        print(f"  {key:26s} {value}")
+
+
+def matmul_gflops(m: int, k: int, n: int, min_seconds: float = 0.5) -> float:
+    """Median fp32 rate of `[m, k] @ [k, n]` in GFLOP/s over at least `min_seconds` (and at least 5 calls)."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    out = torch.empty(m, n)
+    torch.mm(a, b, out=out)  # warm-up
+    times: list[float] = []
+    deadline = time.perf_counter() + min_seconds
+    while len(times) < 5 or time.perf_counter() < deadline:
+        t = time.perf_counter()
+        torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - t)
+    return 2 * m * k * n / statistics.median(times) / 1e9
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, iters: int) -> dict[str, list[float]]:
+    """Seconds per call of each fn, timed round-robin: `iters` rounds, each calls every fn once."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
