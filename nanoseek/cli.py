@@ -312,7 +312,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=1337, help="seed of init and data order (1337)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument(
-        "--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: fp32 CPU, bf16 GPU"
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp8"),
+        default="auto",
+        help="auto: fp32 CPU, bf16 GPU; fp8: DeepSeek-V3's FP8 Linear GEMMs (simulated on CPU, nanoseek/fp8.py)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -49,6 +49,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig, from_hf_dict, to_hf_dict
+from nanoseek.fp8 import BLOCK, block_scale_shape, dequantize_blocks, quantize_blocks
 from nanoseek.model.transformer import Transformer
 
 CONFIG_NAME = "config.json"
@@ -137,25 +138,55 @@ def _state(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 # ---- FP8 ---------------------------------------------------------------------------------------------------
-def dequantize_fp8(
-    w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)
-) -> torch.Tensor:
-    """W [out, in] (fp8) times its per-block scale [ceil(out/bo), ceil(in/bi)] -> fp32 (REFERENCE §7).
+# Released V3 layout (REFERENCE §7): these projections are float8_e4m3fn + an fp32 `weight_scale_inv` per 128x128
+# block; embed_tokens, lm_head, norms, the router (mlp.gate), eh_proj and shared_head.head are BF16;
+# e_score_correction_bias is fp32.
+_FP8_PROJECTIONS = (
+    "q_a_proj",
+    "q_b_proj",
+    "q_proj",
+    "kv_a_proj_with_mqa",
+    "kv_b_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+FP8_QUANTIZATION_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [BLOCK, BLOCK],
+}
 
-    Edge blocks are ragged: pad W up to whole blocks, scale every block, cut the padding off again.
-    """
-    bo, bi = block
-    out_dim, in_dim = w.shape
-    n_o, n_i = -(-out_dim // bo), -(-in_dim // bi)
-    if tuple(scale_inv.shape) != (n_o, n_i):
+
+def dequantize_fp8(
+    w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (BLOCK, BLOCK)
+) -> torch.Tensor:
+    """W [out, in] (fp8) times its per-block scale [ceil(out/bo), ceil(in/bi)] -> fp32 (nanoseek.fp8)."""
+    expected = block_scale_shape(tuple(w.shape), block)
+    if tuple(scale_inv.shape) != expected:
         raise CheckpointError(
-            f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {(n_o, n_i)} "
-            f"for a {tuple(w.shape)} weight in {bo}x{bi} blocks"
+            f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} "
+            f"for a {tuple(w.shape)} weight in {block[0]}x{block[1]} blocks"
         )
-    padded = torch.zeros(n_o * bo, n_i * bi, dtype=torch.float32, device=w.device)
-    padded[:out_dim, :in_dim] = w.float()
-    padded.view(n_o, bo, n_i, bi).mul_(scale_inv.float().view(n_o, 1, n_i, 1))
-    return padded[:out_dim, :in_dim]
+    return dequantize_blocks(w, scale_inv, block)
+
+
+def is_fp8_in_release(hf_name: str) -> bool:
+    """Is this tensor float8 (+ weight_scale_inv) in DeepSeek-V3's released checkpoint?"""
+    module, _, leaf = hf_name.rpartition(".")
+    return leaf == "weight" and module.rsplit(".", 1)[-1] in _FP8_PROJECTIONS
+
+
+def _stored(name: str, t: torch.Tensor, fp8: bool) -> list[tuple[str, torch.Tensor]]:
+    """The tensor(s) one of our tensors is written as: itself, or the released FP8 layout's (fp8 + scale | bf16)."""
+    if not fp8:
+        return [(name, t)]
+    if is_fp8_in_release(name):
+        q, scale = quantize_blocks(t)
+        return [(name, q), (f"{name}_scale_inv", scale)]
+    return [(name, t.float() if name.endswith("e_score_correction_bias") else t.to(torch.bfloat16))]
 
 
 # ---- reading ----------------------------------------------------------------------------------------------
@@ -357,11 +388,15 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
     yield from _mtp_copies(model).items()
 
 
-def save_hf(model: Transformer, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_hf(
+    model: Transformer, path: str | Path, *, max_shard_bytes: int = 5 * 2**30, fp8: bool = False
+) -> None:
     """Write config.json + safetensors in the Hugging Face DeepseekV3 layout, sharded with an index when large.
 
     `transformers.AutoModelForCausalLM.from_pretrained(path)` loads the result (it ignores the MTP layer), and
-    so does `nanoseek.load(path)`, MTP included.
+    so does `nanoseek.load(path)`, MTP included. `fp8=True` writes DeepSeek-V3's released layout instead:
+    float8_e4m3fn projections with fp32 `weight_scale_inv` per 128x128 block, everything else BF16 (fp32 routing
+    bias), and a `quantization_config`; loading it back dequantizes.
     """
     cfg, path = model.cfg, Path(path)
     if cfg.scoring_func != "sigmoid" or cfg.topk_method != "noaux_tc":
@@ -371,26 +406,34 @@ def save_hf(model: Transformer, path: str | Path, *, max_shard_bytes: int = 5 * 
             stacklevel=2,
         )
     hf_config = to_hf_dict(cfg)
-    hf_config["torch_dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
+    hf_config["torch_dtype"] = "bfloat16" if fp8 else str(model.embed.weight.dtype).removeprefix("torch.")
+    if fp8:
+        hf_config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
     path.mkdir(parents=True, exist_ok=True)
 
-    # Plan shards from sizes alone, then materialize one shard at a time.
+    # Plan shards from sizes alone (stored shapes/dtypes come from a meta-device dry run), then materialize one
+    # shard at a time.
     shards: list[list[str]] = [[]]
     total, used = 0, 0
-    for name, t in hf_tensors(model):
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and used + nbytes > max_shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(name)
-        used, total = used + nbytes, total + nbytes
+    for source, view in hf_tensors(model):
+        for name, t in _stored(source, view.to("meta"), fp8):
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and used + nbytes > max_shard_bytes:
+                shards.append([])
+                used = 0
+            shards[-1].append(name)
+            used, total = used + nbytes, total + nbytes
     n = len(shards)
     names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
     for fname, members in zip(names, shards):
         wanted = set(members)
-        # A copy: expert slices and MTP copies share storage, which safetensors refuses to write.
-        tensors = {hf: t.to("cpu", copy=True).contiguous() for hf, t in hf_tensors(model) if hf in wanted}
+        tensors = {}
+        for source, view in hf_tensors(model):
+            if source in wanted or f"{source}_scale_inv" in wanted:
+                # A copy: expert slices and MTP copies share storage, which safetensors refuses to write.
+                stored = _stored(source, view.to("cpu", copy=True), fp8)
+                tensors.update((hf, t.contiguous()) for hf, t in stored if hf in wanted)
         _atomic_write(
             path / fname, lambda tmp, tensors=tensors: save_file(tensors, tmp, metadata={"format": "pt"})
         )

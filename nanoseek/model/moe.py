@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.fp8 import fp8_grouped_linear
 from nanoseek.model.layers import MLP
 
 
@@ -112,6 +113,7 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # gate_proj
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # down_proj
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up_proj
+        self.fp8 = False  # set by nanoseek.fp8.convert_to_fp8: the three grouped GEMMs then run in FP8
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, d], idx/weights [T, K] -> sum_k weights[t,k] * expert_{idx[t,k]}(x[t]), shape [T, d]."""
@@ -125,11 +127,12 @@ class Experts(nn.Module):
         # (~30 ms fwd+bwd at 24k x 256 rows), index_select's is index_add_ (~4 ms).
         x_sorted = x.index_select(0, token)  # [T*K, d], each expert's rows contiguous
         gate_weight = weights.flatten().index_select(0, order).unsqueeze(-1).to(x.dtype)  # [T*K, 1]
-        h1 = grouped_linear(x_sorted, self.w1, counts, offs)  # [T*K, I]
-        h3 = grouped_linear(x_sorted, self.w3, counts, offs)
+        linear = fp8_grouped_linear if self.fp8 else grouped_linear
+        h1 = linear(x_sorted, self.w1, counts, offs)  # [T*K, I]
+        h3 = linear(x_sorted, self.w3, counts, offs)
         # w2 is linear, so the gate weight can scale h [T*K, I] instead of the output [T*K, d]: fewer elements
         # whenever I < d, as in every DeepSeek config.
-        y = grouped_linear(F.silu(h1) * h3 * gate_weight, self.w2, counts, offs)  # [T*K, d]
+        y = linear(F.silu(h1) * h3 * gate_weight, self.w2, counts, offs)  # [T*K, d]
         return torch.zeros_like(x).index_add_(0, token, y)
 
 

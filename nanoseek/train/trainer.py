@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from nanoseek.accounting import count_flops
 from nanoseek.config import ModelConfig
+from nanoseek.fp8 import convert_to_fp8
 from nanoseek.hardware import peak_flops
 from nanoseek.model import Transformer
 from nanoseek.train.checkpoint import (
@@ -42,6 +43,8 @@ from nanoseek.train.checkpoint import (
     write_json_atomic,
 )
 from nanoseek.train.optim import SCHEDULES, lr_multiplier, make_optimizer
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 
 
 class TrainError(ValueError):
@@ -69,7 +72,7 @@ class TrainConfig:
     sample_every: int = 0
     seed: int = 1337
     device: str = "auto"
-    precision: str = "auto"  # auto: fp32 on CPU, bf16 autocast on GPU
+    precision: str = "auto"  # auto: fp32 on CPU, bf16 autocast on GPU; fp8: V3's FP8 GEMMs (nanoseek.fp8)
     compile: bool = False
     max_bad_steps: int = 5
     tokens_per_step: int = field(init=False, default=0)
@@ -80,8 +83,8 @@ class TrainConfig:
                 raise TrainError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.schedule not in SCHEDULES:
             raise TrainError(f"schedule: unknown {self.schedule!r}; choose from {SCHEDULES}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise TrainError(f"precision: unknown {self.precision!r}; choose from auto, fp32, bf16")
+        if self.precision not in PRECISIONS:
+            raise TrainError(f"precision: unknown {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         if self.seq_len > model_cfg.max_position_embeddings:
             raise TrainError(
                 f"seq_len: {self.seq_len} is longer than the model's max_position_embeddings "
@@ -176,15 +179,19 @@ class Trainer:
         self.progress = progress
         self.run_dir = Path(cfg.out)
         self.device = resolve_device(cfg.device)
-        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        # fp8: the Linear GEMMs in FP8 (simulated on CPU); everything else bf16 on GPU, fp32 on CPU.
+        on_gpu = self.device.type == "cuda"
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision in ("auto", "fp8") and on_gpu)
         self.autocast = (
             (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
             if use_bf16
             else (lambda: nullcontext())
         )
-        self.precision = "bf16" if use_bf16 else "fp32"
+        self.precision = "fp8" if cfg.precision == "fp8" else "bf16" if use_bf16 else "fp32"
         torch.manual_seed(cfg.seed)
         self.model = Transformer(model_cfg, seed=cfg.seed).to(self.device)
+        if cfg.precision == "fp8":
+            convert_to_fp8(self.model)  # same Parameters and state-dict keys: checkpoints are unchanged
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.step = 0
