@@ -78,10 +78,14 @@ def bench(name: str, cfg, batch: int, seq: int, warmup: int, iters: int, with_hf
         med, best = statistics.median(ts), min(ts)
         res[k] = {"tok_s": n_tok / med, "tok_s_best": n_tok / best, "gflops": n_tok * flops_tok / med / 1e9}
     p = count_params(cfg)
-    print(f"\n{name}: {p.main / 1e6:.1f}M total / {p.activated_non_embedding / 1e6:.1f}M activated non-embedding, "
-          f"batch {batch} x {seq}, {flops_tok / 1e6:.1f} MFLOP/token (full step)")
+    print(
+        f"\n{name}: {p.main / 1e6:.1f}M total / {p.activated_non_embedding / 1e6:.1f}M activated non-embedding, "
+        f"batch {batch} x {seq}, {flops_tok / 1e6:.1f} MFLOP/token (full step)"
+    )
     for k, r in res.items():
-        print(f"  {k:13s} {r['tok_s']:8,.0f} tok/s median ({r['tok_s_best']:,.0f} best)  {r['gflops']:6.1f} GFLOP/s")
+        print(
+            f"  {k:13s} {r['tok_s']:8,.0f} tok/s median ({r['tok_s_best']:,.0f} best)  {r['gflops']:6.1f} GFLOP/s"
+        )
     return res
 
 
@@ -99,7 +103,9 @@ def main() -> None:
     # The comparison config: hidden 256, 4 layers, 64 experts top-6, batch 8 x 256 (~25M / 8M).
     cmp_cfg = get_preset("small").replace(num_hidden_layers=4, num_nextn_predict_layers=0, name="small-4L")
     cmp = bench("vs transformers (small, 4 layers, no MTP)", cmp_cfg, 8, 256, warmup, iters, with_hf=True)
-    small = bench("small preset (6 layers, MTP D=1)", get_preset("small"), 8, 256, warmup, iters, with_hf=False)
+    small = bench(
+        "small preset (6 layers, MTP D=1)", get_preset("small"), 8, 256, warmup, iters, with_hf=False
+    )
     tiny = bench("tiny preset (2 layers, MTP D=1)", get_preset("tiny"), 16, 256, warmup, iters, with_hf=False)
     peak1 = matmul_gflops(2048, 2048, 2048)
     peak = max(peak0, peak1)
@@ -107,8 +113,10 @@ def main() -> None:
     ratio = cmp["nanoseek"]["tok_s"] / cmp["transformers"]["tok_s"]
     print(f"\nRESULT ours / transformers training step: {ratio:.2f}x (target >= 1.3x)")
     for name, r in (("small", small), ("tiny", tiny), ("small-4L", cmp)):
-        print(f"RESULT {name}: {r['nanoseek']['tok_s']:,.0f} tok/s, MFU {r['nanoseek']['gflops'] / peak:.1%} of the "
-              "measured fp32 peak (target >= 65% on small)")
+        print(
+            f"RESULT {name}: {r['nanoseek']['tok_s']:,.0f} tok/s, MFU {r['nanoseek']['gflops'] / peak:.1%} of the "
+            "measured fp32 peak (target >= 65% on small)"
+        )
     print(f"RESULT transformers: MFU {cmp['transformers']['gflops'] / peak:.1%}")
 
 
