@@ -446,7 +446,9 @@ def add_ablate_parser(sub) -> None:
     which.add_argument("--preset", choices=sorted(PRESETS), help="base model preset (default tiny)")
     which.add_argument("--config", metavar="PATH", help="base model config JSON")
     p.add_argument(
-        "--groups", default="attention,ffn,balancing,mtp", help="comma-separated groups (all four)"
+        "--groups",
+        default="attention,ffn,balancing,mtp",
+        help="comma-separated groups (default: these four; also: precision, FP8 vs the baseline)",
     )
     p.add_argument("--data", default="default", metavar="PATH|default", help=_DATA_HELP)
     p.add_argument("--vocab-size", type=positive_int, default=4096, help="tokenizer vocab (4096)")
@@ -496,7 +498,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 # ---- dispatcher ----
 # Areas keep their subcommands next to their code: each module has `add_parsers(sub)` registering
 # `add_parser(...).set_defaults(func=...)` pairs, and imports torch-heavy code only inside the handlers.
-AREA_COMMANDS: list[str] = []
+AREA_COMMANDS: list[str] = ["nanoseek.scaling.commands"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -340,3 +340,12 @@ def test_cuda_scaled_mm_matches_the_simulation(b_block):
     b_q, b_s = quantize_blocks(b) if b_block == 128 else quantize_tiles(b)
     got = fp8_mm(a_q, a_s, b_q, b_s, b_block, out_dtype=torch.float32)
     assert rel(got, fp8_gemm_reference(a_q, a_s, b_q, b_s, b_block)) < 1e-3
+
+
+def test_ablation_precision_group_reuses_the_base_run_and_keys_fp8_apart(tiny_cfg):
+    from nanoseek.train.ablate import FP8_VARIANT, TRAIN_OVERRIDES, _run_key, variants
+
+    base, fp8 = variants(tiny_cfg, "precision").values()
+    assert base == fp8 == tiny_cfg and TRAIN_OVERRIDES[FP8_VARIANT] == {"precision": "fp8"}
+    assert _run_key(base, {}) == _run_key(tiny_cfg)  # the baseline is the run every other group shares
+    assert _run_key(fp8, TRAIN_OVERRIDES[FP8_VARIANT]) != _run_key(tiny_cfg)

@@ -8,6 +8,8 @@ changes. Groups:
 - balancing: aux-loss-free bias vs the classic aux loss vs nothing (V3 §2.1.2; Wang et al. 2024): validation loss
   and MaxVio, both per training batch and over the whole validation set (MaxVio_global).
 - mtp: MTP D=1 vs off (V3 §2.2): the MAIN next-token validation loss only (MTP is a training signal here).
+- precision: the run's precision vs FP8 GEMMs (V3 §3.3, nanoseek/fp8.py; simulated on CPU): validation loss.
+  Same model config, so the variant differs in its TrainConfig (`TRAIN_OVERRIDES`), not in a ModelConfig.
 
 Results go to a run folder per variant (resumable: a finished variant is not re-run) and to a Markdown table
 with plots. Small-scale results can go either way; the doc says what we measured, negative results included.
@@ -33,7 +35,9 @@ from nanoseek.train.report import machine_info, read_metrics  # noqa: E402
 from nanoseek.train.run import PreparedData, build_trainer  # noqa: E402
 from nanoseek.train.trainer import TrainConfig  # noqa: E402
 
-GROUPS = ("attention", "ffn", "balancing", "mtp")
+GROUPS = ("attention", "ffn", "balancing", "mtp", "precision")
+FP8_VARIANT = "FP8 GEMMs (1x128 / 128x128 E4M3)"
+TRAIN_OVERRIDES = {FP8_VARIANT: {"precision": "fp8"}}  # variants that change the training, not the model
 
 
 def variants(base: ModelConfig, group: str) -> dict[str, ModelConfig]:
@@ -63,6 +67,8 @@ def variants(base: ModelConfig, group: str) -> dict[str, ModelConfig]:
             "MTP D=1 (lambda 0.3)": base.replace(num_nextn_predict_layers=1),
             "no MTP": base.replace(num_nextn_predict_layers=0),
         }
+    if group == "precision":
+        return {"baseline precision": base, FP8_VARIANT: base}
     raise ValueError(f"groups: unknown group {group!r}; choose from {', '.join(GROUPS)}")
 
 
@@ -85,11 +91,11 @@ def global_max_vio(model, batches) -> float | None:
     return sum(vios) / len(vios)
 
 
-def _run_key(cfg: ModelConfig) -> str:
+def _run_key(cfg: ModelConfig, overrides: dict | None = None) -> str:
     """Runs are keyed by their config, so the base model trains once and serves every group."""
     import hashlib
 
-    d = {k: v for k, v in cfg.to_dict().items() if k != "name"}
+    d = {k: v for k, v in cfg.to_dict().items() if k != "name"} | (overrides or {})
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -222,7 +228,8 @@ def ablate(
         log(f"ablation group: {group}")
         results[group] = []
         for name, cfg in variants(base, group).items():
-            run_cfg = dataclasses.replace(tcfg, out=str(Path(out) / _run_key(cfg)))
+            overrides = TRAIN_OVERRIDES.get(name, {})
+            run_cfg = dataclasses.replace(tcfg, out=str(Path(out) / _run_key(cfg, overrides)), **overrides)
             results[group].append(run_variant(name, cfg, run_cfg, prepared, log))
     if doc is not None:
         write_doc(results, base, tcfg, command, doc, prepared.manifest["source"])
