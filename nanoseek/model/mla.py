@@ -16,6 +16,9 @@ Two paths share the same weights and compute the same function:
   `kv_lora_rank + qk_rope_head_dim` numbers per token (576 for V3, vs 40,960 for an MHA twin). W_UK is folded into
   the query (q_lat = q_C W_UK, 512 wide) and W_UV is applied after attention, so K/V are never materialized.
   RoPE is why W_UK cannot be folded into the query weights offline ([V2] §2.1.3): it sits between them.
+- naive decode over a full K/V cache ([M] attn_impl="naive"; pass a `KVCache`): k = [k_C ; k_R] and v expanded
+  for every head and cached, n_heads * (qk_head_dim + v_head_dim) numbers per token. Kept as the baseline that
+  the latent cache is measured against (benchmarks/bench_infer_cache.py).
 
 Easy to get wrong: the softmax scale multiplies the whole (nope + rope) dot product and carries YaRN's mscale^2;
 `wkv_b.weight.view(n_heads, nope + v, kv_lora_rank)` puts the K rows before the V rows within each head.
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.attention import KVCache
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.rope import apply_rope
 
@@ -95,6 +99,8 @@ class MLA(nn.Module):
         absorb: bool | None = None,
     ) -> torch.Tensor:
         q_nope, q_rope, c_kv, k_rope = self.project(x, cos, sin)
+        if isinstance(cache, KVCache):
+            return self._naive_cached(q_nope, q_rope, c_kv, k_rope, cache, positions)
         if cache is not None:
             cache.write(positions, c_kv, k_rope)
         if absorb is None:
@@ -112,6 +118,21 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, H, self.rope_dim)], dim=-1).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
         return self.wo(o.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+    def _naive_cached(self, q_nope, q_rope, c_kv, k_rope, cache: KVCache, positions) -> torch.Tensor:
+        """Decode over a cache of the expanded per-head K and V ([M] attn_impl="naive")."""
+        B, S, H, _ = q_nope.shape
+        kv = self.wkv_b(c_kv).view(B, S, H, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        cache.write(positions, torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, S, H, self.rope_dim)], -1), v)
+        kv_len = int(positions.max()) + 1
+        k = cache.k[:B, :kv_len].to(q_nope.dtype).transpose(1, 2)  # [B, H, T, qk]
+        v = cache.v[:B, :kv_len].to(q_nope.dtype).transpose(1, 2)  # [B, H, T, v]
+        key_pos = torch.arange(kv_len, device=positions.device)
+        visible = key_pos.view(1, 1, 1, -1) <= positions.view(B, 1, S, 1)  # causal + unwritten slots
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, S, qk]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale)
+        return self.wo(o.transpose(1, 2).reshape(B, S, H * self.v_dim))
 
     def _absorbed(self, q_nope, q_rope, cache: LatentCache, positions: torch.Tensor) -> torch.Tensor:
         """Decode path over the latent cache; W_UK folded into the query, W_UV applied after attention."""

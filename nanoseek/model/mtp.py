@@ -33,8 +33,11 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(d, cfg.rms_norm_eps)  # HF: shared_head.norm
 
     def forward(
-        self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin
+        self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, positions=None, cache=None, absorb=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """h_prev, emb_next [B, T', d] -> (h^k [B, T', d] before norm_k, balance loss)."""
+        """h_prev, emb_next [B, T', d] -> (h^k [B, T', d] before norm_k, balance loss).
+
+        positions/cache/absorb go to the block's attention as in the main model: speculative decoding keeps a
+        cache for the MTP block too (nanoseek/infer/speculative.py)."""
         x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
-        return self.block(x, cos, sin)
+        return self.block(x, cos, sin, positions, cache, absorb)

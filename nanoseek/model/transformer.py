@@ -148,12 +148,18 @@ class Transformer(nn.Module):
             gamma = self.cfg.bias_update_speed if self.cfg.balancing == "aux_free" else 0.0
         return [m.update_bias(gamma) for m in self.moe_layers()]
 
-    def make_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list:
-        """Preallocated per-layer cache: MLA latent (c_kv + k_rope) or full K/V for the mha/gqa baselines."""
+    def make_cache(
+        self, batch: int, max_len: int, dtype: torch.dtype | None = None, full_kv: bool = False, layers=None
+    ) -> list:
+        """Preallocated per-layer cache: MLA latent (c_kv + k_rope) or full K/V for the mha/gqa baselines.
+
+        full_kv=True gives MLA the naive full per-head K/V cache instead (the baseline of the latent cache);
+        `layers` defaults to one cache per main layer (pass e.g. 1 for an MTP block's cache)."""
         dev = self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
-        kind = LatentCache if self.cfg.attention == "mla" else KVCache
-        return [kind(self.cfg, batch, max_len, dev, dtype) for _ in self.layers]
+        kind = LatentCache if self.cfg.attention == "mla" and not full_kv else KVCache
+        n = len(self.layers) if layers is None else layers
+        return [kind(self.cfg, batch, max_len, dev, dtype) for _ in range(n)]
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
