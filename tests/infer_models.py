@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 
 from nanoseek.config import get_preset
@@ -72,3 +73,13 @@ def tokenizer():
     tok = train_tokenizer([TEXT] * 8, vocab_size=VOCAB)
     assert tok.vocab_size <= VOCAB
     return tok
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one torch thread runs them faster, and far faster on a busy shared machine
+    (two threads wait on each other at every small matmul). Import this fixture into a test module to use it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,7 +3,7 @@ cancellation, memory accounting, loading."""
 
 import pytest
 import torch
-from infer_models import VOCAB, counting_model, random_model, tokenizer
+from infer_models import VOCAB, counting_model, one_thread, random_model, tokenizer  # noqa: F401
 
 import nanoseek
 from nanoseek.accounting import kv_elements_per_layer
