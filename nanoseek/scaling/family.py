@@ -24,7 +24,7 @@ import functools
 import math
 from dataclasses import asdict, dataclass
 
-from nanoseek.accounting import count_flops, count_params
+from nanoseek.accounting import build_meta, count_flops, count_params
 from nanoseek.config import ModelConfig
 
 KINDS = ("dense", "mla", "moe")
@@ -122,16 +122,27 @@ class Family:
         return self.config(n_layer, self._width_for(n_layer, target_m))
 
     def _width_for(self, n_layer: int, target_m: float) -> int:
-        """The multiple of head_dim whose M (at this depth) is nearest target_m in log distance."""
+        """The multiple of head_dim whose M (at this depth) is nearest target_m in log distance.
+
+        M is close to quadratic in d at a fixed depth (matmuls ~ d^2, attention scores ~ d l_seq), so two
+        exact counts give a first guess; exact counts of its neighbours then settle it (each count builds the
+        model on the meta device, so they are kept few)."""
         step = self.head_dim
-        lo, hi = 1, 1
-        while self.m(n_layer, hi * step) < target_m and hi < 1 << 16:
-            lo, hi = hi, hi * 2
-        while hi - lo > 1:  # smallest multiple k with M(k * step) >= target
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self.m(n_layer, mid * step) < target_m else (lo, mid)
-        candidates = [k * step for k in {max(lo, 1), hi}]
-        return min(candidates, key=lambda d: abs(math.log(self.m(n_layer, d) / target_m)))
+        d1, d2 = 4 * step, 16 * step
+        m1, m2 = self.m(n_layer, d1), self.m(n_layer, d2)
+        p = (m2 / d2 - m1 / d1) / (d2 - d1)  # M = p d^2 + q d through (d1, m1) and (d2, m2)
+        q = m1 / d1 - p * d1
+        guess = (-q + math.sqrt(q * q + 4 * p * target_m)) / (2 * p) if p > 0 else target_m / max(q, 1e-9)
+        k = max(1, round(guess / step))
+
+        def error(k: int) -> float:
+            return abs(math.log(self.m(n_layer, k * step) / target_m))
+
+        while k > 1 and error(k - 1) < error(k):
+            k -= 1
+        while error(k + 1) < error(k):
+            k += 1
+        return k * step
 
     def sizes(self, m_low: float, m_high: float, n: int) -> list[ModelConfig]:
         """Up to n members with M log-spaced over [m_low, m_high]; shapes that round to the same one count once."""
@@ -154,11 +165,12 @@ def _m(family: Family, n_layer: int, d_model: int) -> int:
 
 def describe(cfg: ModelConfig, seq_len: int) -> dict:
     """The numbers a sweep records for one config: shape, M, non-embedding and total parameters."""
-    params = count_params(cfg)
+    model = build_meta(cfg)
+    params = count_params(cfg, model)
     return {
         "n_layer": cfg.num_hidden_layers,
         "d_model": cfg.hidden_size,
-        "m": count_flops(cfg, seq_len).m,
+        "m": count_flops(cfg, seq_len, model).m,
         "params_non_embedding": params.activated_non_embedding,
         "params_total": params.main,
     }

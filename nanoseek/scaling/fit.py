@@ -271,6 +271,17 @@ class ParametricFit:
         return self.G * c**self.a, c**self.b / self.G
 
 
+def _huber(r: np.ndarray, delta: float) -> np.ndarray:
+    return np.where(np.abs(r) <= delta, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta))
+
+
+def _score_starts(starts: np.ndarray, ln_n, ln_d, ln_l, delta: float) -> np.ndarray:
+    """The summed Huber loss at each row (a, b, e, alpha, beta) of starts [S, 5], all at once."""
+    a, b, e, alpha, beta = (starts[:, i : i + 1] for i in range(5))  # each [S, 1]
+    pred = np.logaddexp(np.logaddexp(a - alpha * ln_n, b - beta * ln_d), e)  # [S, n]
+    return _huber(pred - ln_l, delta).sum(axis=1)
+
+
 def _huber_objective(theta: np.ndarray, ln_n: np.ndarray, ln_d: np.ndarray, ln_l: np.ndarray, delta: float):
     """Summed Huber loss of log-space residuals and its gradient in theta = (a, b, e, alpha, beta)."""
     a, b, e, alpha, beta = theta
@@ -280,9 +291,8 @@ def _huber_objective(theta: np.ndarray, ln_n: np.ndarray, ln_d: np.ndarray, ln_l
     total = w.sum(axis=0)
     r = top + np.log(total) - ln_l
     w /= total  # d LSE / d term
-    small = np.abs(r) <= delta
-    loss = np.where(small, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta)).sum()
-    g = np.where(small, r, delta * np.sign(r))
+    loss = _huber(r, delta).sum()
+    g = np.where(np.abs(r) <= delta, r, delta * np.sign(r))
     grad = np.array(
         [
             (g * w[0]).sum(),
@@ -323,12 +333,10 @@ def fit_parametric(
             "from beta; add a budget"
         )
     grid = grid or CHINCHILLA_GRID
-    starts = [
-        np.array(x) for x in itertools.product(grid["a"], grid["b"], grid["e"], grid["alpha"], grid["beta"])
-    ]
+    starts = np.array(list(itertools.product(grid["a"], grid["b"], grid["e"], grid["alpha"], grid["beta"])))
     if top is not None and top < len(starts):
-        scores = [_huber_objective(x, ln_n, ln_d, ln_l, delta)[0] for x in starts]
-        starts = [starts[i] for i in np.argsort(scores, kind="stable")[:top]]
+        scores = _score_starts(starts, ln_n, ln_d, ln_l, delta)
+        starts = starts[np.argsort(scores, kind="stable")[:top]]
     results = []
     for x0 in starts:
         res = minimize(_huber_objective, x0, args=(ln_n, ln_d, ln_l, delta), jac=True, method="L-BFGS-B")

@@ -54,9 +54,9 @@ def plot_isoflop(fit: IsoFLOPFit, runs: list[dict], metric: str, path: Path) -> 
     return _save(fig, path)
 
 
-def _slope_through(law: PowerLaw, exp: float, c: np.ndarray) -> np.ndarray:
-    """A line of slope `exp` through `law` at the geometric middle of c."""
-    mid = math.exp(np.log(c).mean())
+def _slope_through(law: PowerLaw, exp: float, budgets: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """A line of slope `exp` through `law` at the geometric middle of the budgets, over c."""
+    mid = math.exp(np.log(budgets).mean())
     return law(mid) * (c / mid) ** exp
 
 
@@ -82,7 +82,7 @@ def plot_optimal(fit: IsoFLOPFit, path: Path, check: dict | None = None) -> Path
             e = pub.a if what == "M_opt" else pub.b
             ax.plot(
                 c,
-                _slope_through(law, e, budgets),
+                _slope_through(law, e, budgets, c),
                 linestyle=style,
                 lw=0.9,
                 alpha=0.7,

@@ -51,6 +51,7 @@ def analyze(
     threads: int | None = None,
     worker: list[str] | None = None,
     stream=sys.stderr,
+    parametric_top: int | None = 32,
 ) -> Analysis:
     out = Path(out)
     plan = load_plan(out)
@@ -66,7 +67,7 @@ def analyze(
     parametric, parametric_error = None, None
     try:
         parametric = fit_parametric(
-            [r["m"] for r in runs], [r["tokens"] for r in runs], [r[metric] for r in runs]
+            [r["m"] for r in runs], [r["tokens"] for r in runs], [r[metric] for r in runs], top=parametric_top
         )
     except FitError as e:
         parametric_error = str(e)
