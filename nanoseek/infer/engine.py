@@ -132,6 +132,10 @@ class Engine:
         self.max_len = max_len or min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)
         if self.max_batch < 1 or self.max_len < 2:
             raise EngineError(f"max_batch must be >= 1 and max_len >= 2, got {max_batch} and {max_len}")
+        if self.max_len > cfg.max_position_embeddings:
+            raise EngineError(
+                f"max_len {self.max_len} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings})"
+            )
         self.max_prefill_tokens = max_prefill_tokens
         self.speculative = speculative
         self.device = model.embed.weight.device
@@ -289,8 +293,8 @@ class Engine:
             nxt = ids.roll(-1, dims=1)
             nxt[torch.arange(k), last] = tokens
             mtp_rows = _rows(self.drafter.cache, first, first + k)
-            draft_logits = self.drafter(out.hidden, nxt, positions, mtp_rows, absorb=False)
-            self._set_drafts(reqs, draft_logits[torch.arange(k), last].float())
+            draft_logits = self.drafter(out.hidden, nxt, positions, mtp_rows, absorb=False, pick=last)
+            self._set_drafts(reqs, draft_logits.float())
         return deltas
 
     def _decode(self) -> list[Delta]:
@@ -323,16 +327,16 @@ class Engine:
         lp_first = self._logprobs(logits[:, 0], first, reqs)
         lp_bonus = self._logprobs(logits[:, 1], bonus, reqs)
         deltas = []
-        for b, r in enumerate(reqs):
-            ok = bool(accepted[b])
-            tokens = [int(first[b]), int(bonus[b])] if ok else [int(first[b])]
+        rows = zip(reqs, accepted.tolist(), first.tolist(), bonus.tolist(), lp_first, lp_bonus)
+        for r, ok, t1, t2, lp1, lp2 in rows:
             r.n_cached += 1 + ok
-            deltas.append(self._emit(r, tokens, [lp_first[b], lp_bonus[b]][: len(tokens)]))
+            deltas.append(self._emit(r, [t1, t2] if ok else [t1], [lp1, lp2] if ok else [lp1]))
         # Re-draft from the last accepted position: (h_n, t_{n+1}) and, where accepted, (h_{n+1}, t_{n+2}).
         second = torch.where(accepted, bonus, first)
         nxt = torch.stack([first, second], dim=1)
-        draft_logits = self.drafter(out.hidden, nxt, positions, self.drafter.cache, absorb=True)
-        self._set_drafts(reqs, draft_logits[torch.arange(B), accepted.long()].float())
+        pick = accepted.long()  # the last accepted position
+        draft_logits = self.drafter(out.hidden, nxt, positions, self.drafter.cache, absorb=True, pick=pick)
+        self._set_drafts(reqs, draft_logits.float())
         return deltas
 
     # ---- sampling helpers ----------------------------------------------------------------------------------

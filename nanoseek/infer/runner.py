@@ -189,7 +189,9 @@ class EngineRunner:
             _post(handle, error)
 
     def _fail_all(self, error: Exception) -> None:
-        for handle in list(self._in_flight):
+        with self._lock:
+            handles = list(self._in_flight)
+        for handle in handles:
             if handle.request is not None and not handle.request.finished:
                 self.engine.cancel(handle.request)
             self._close(handle, "failed", error)

@@ -48,12 +48,14 @@ class MTPDrafter:
         self.cache = model.make_cache(max_batch, max_len, full_kv=full_kv, layers=1)[0]
 
     def __call__(
-        self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache, absorb: bool
+        self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache, absorb: bool, pick
     ) -> torch.Tensor:
         """hidden [B, S, d] (main model, after its final norm), next_ids [B, S] (t_{i+1} for position i),
-        positions [B, S] -> draft logits [B, S, V] for t_{i+2}."""
+        positions [B, S]; every position runs (its cache entry is needed later), but only the position
+        pick[b] of each row goes through the head: draft logits [B, V] for t_{pick+2}."""
         cos, sin = self.model.rope(positions)
         h, _ = self.module(hidden, self.model.embed(next_ids), cos, sin, positions, cache, absorb)
+        h = h[torch.arange(h.shape[0], device=h.device), pick]  # [B, d]
         return self.model.head(self.module.norm(h))
 
 
