@@ -65,15 +65,13 @@ def _gemm_contenders(M: int, K: int, N: int) -> dict:
     return {"fp32": lambda: x @ w.t(), "fp8": fp8}
 
 
-def cpu_gemm(shapes: list[tuple[int, int, int]], iters: int, warmup: int) -> None:
-    print(
-        "\n| y = x W^T, M x K x N | fp32 ms (median / best) | FP8 sim ms | fp32 GFLOP/s | FP8 sim GFLOP/s "
-        "| FP8 / fp32 |"
-    )
+def cpu_table(what: str, contenders, flops_per_mkn: int, shapes, iters: int, warmup: int) -> None:
+    """One Markdown table: for each (M, K, N), time contenders(M, K, N) = {"fp32": fn, "fp8": fn} interleaved."""
+    print(f"\n| {what} | fp32 ms (median / best) | FP8 ms | fp32 GFLOP/s | FP8 GFLOP/s | FP8 / fp32 |")
     print("|---|---|---|---|---|---|")
     for M, K, N in shapes:
-        times = time_interleaved(_gemm_contenders(M, K, N), warmup, iters)
-        print(_row(f"{M} x {K} x {N}", times, 2 * M * K * N))
+        times = time_interleaved(contenders(M, K, N), warmup, iters)
+        print(_row(f"{M} x {K} x {N}", times, flops_per_mkn * M * K * N))
 
 
 def _linear_contenders(M: int, K: int, N: int) -> dict:
@@ -82,17 +80,6 @@ def _linear_contenders(M: int, K: int, N: int) -> dict:
     x = torch.randn(M, K, requires_grad=True)
     dy = torch.randn(M, N)
     return {"fp32": lambda: ref(x).backward(dy), "fp8": lambda: fp8(x).backward(dy)}
-
-
-def cpu_linear(shapes: list[tuple[int, int, int]], iters: int, warmup: int) -> None:
-    print(
-        "\n| Linear fwd+bwd, tokens x in -> out | nn.Linear ms | Fp8Linear ms | fp32 GFLOP/s | FP8 GFLOP/s "
-        "| FP8 / fp32 |"
-    )
-    print("|---|---|---|---|---|---|")
-    for M, K, N in shapes:
-        times = time_interleaved(_linear_contenders(M, K, N), warmup, iters)
-        print(_row(f"{M} x {K} -> {N}", times, 6 * M * K * N))
 
 
 def _model_step(cfg: ModelConfig, batch: int, seq: int, fp8: bool, device="cpu", autocast=None):
@@ -218,13 +205,16 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     if args.quick:
         args.iters, args.warmup = 2, 1
-        cpu_gemm([(256, 256, 256)], args.iters, args.warmup)
-        cpu_linear([(256, 256, 256)], args.iters, args.warmup)
+        cpu_table("y = x W^T, M x K x N", _gemm_contenders, 2, [(256, 256, 256)], args.iters, args.warmup)
+        cpu_table(
+            "Linear fwd+bwd, M x K x N", _linear_contenders, 6, [(256, 256, 256)], args.iters, args.warmup
+        )
         cpu_train_step(["tiny"], 2, 64, args.iters, args.warmup)
     else:
         gemms = [(4096, 256, 768), (4096, 768, 256), (1024, 1024, 1024), (2048, 2048, 2048)]
-        cpu_gemm(gemms, args.iters, args.warmup)
-        cpu_linear([(4096, 256, 768), (4096, 768, 256), (2048, 1024, 1024)], args.iters, args.warmup)
+        cpu_table("y = x W^T, M x K x N", _gemm_contenders, 2, gemms, args.iters, args.warmup)
+        linears = [(4096, 256, 768), (4096, 768, 256), (2048, 1024, 1024)]
+        cpu_table("Linear fwd+bwd, M x K x N", _linear_contenders, 6, linears, args.iters, args.warmup)
         cpu_train_step(["tiny", "small"], 16, 256, max(3, args.iters // 2), 1)
     print(f"\n({time.perf_counter() - t0:.0f} s)")
 
