@@ -498,7 +498,11 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 # ---- dispatcher ----
 # Areas keep their subcommands next to their code: each module has `add_parsers(sub)` registering
 # `add_parser(...).set_defaults(func=...)` pairs, and imports torch-heavy code only inside the handlers.
-AREA_COMMANDS: list[str] = ["nanoseek.scaling.commands", "nanoseek.infer.commands"]
+AREA_COMMANDS: list[str] = [
+    "nanoseek.scaling.commands",
+    "nanoseek.infer.commands",
+    "nanoseek.post.commands",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
