@@ -62,7 +62,11 @@ def grouped_linear(
     every one; a loop over the non-empty ones is then about twice as fast (one decode token: 6 of 64 experts)."""
     if _grouped_mm_ok(x) and (x.shape[0] >= w.shape[0] or x.device.type != "cpu"):
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
-    parts = [c @ w[e].t() for e, c in enumerate(x.split(counts.tolist())) if len(c)]
+    parts, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            parts.append(x[start : start + n] @ w[e].t())
+            start += n
     return torch.cat(parts, dim=0) if parts else x.new_zeros(0, w.shape[1])
 
 
