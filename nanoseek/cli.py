@@ -319,6 +319,21 @@ def add_train_parser(sub) -> None:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = p.add_argument_group(
+        "distributed (under `torchrun --nproc-per-node N -m nanoseek train ...`; docs/distributed.md)"
+    )
+    d.add_argument(
+        "--ep", type=positive_int, default=1, help="expert parallelism: ranks sharing the routed experts (1)"
+    )
+    d.add_argument(
+        "--dp", choices=("fsdp", "ddp"), default="fsdp", help="data parallelism: FSDP2 or DDP (fsdp)"
+    )
+    d.add_argument(
+        "--dist-timeout",
+        type=positive_number,
+        default=600,
+        help="seconds to wait for the other ranks (rendezvous, collectives) before failing (600)",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -362,13 +377,75 @@ def cmd_train(args: argparse.Namespace) -> int:
         compile=args.compile,
     )
     progress = not args.no_progress
-    prepared = prepare_data(args.data, args.tokenizer, args.vocab_size, progress=progress)
-    trainer = build_trainer(model_cfg, tcfg, prepared, progress=progress)
-    if args.resume and not trainer.resume():
+    parallel = _parallel(args)
+    if parallel is None:
+        prepared = prepare_data(args.data, args.tokenizer, args.vocab_size, progress=progress)
+        trainer = build_trainer(model_cfg, tcfg, prepared, progress=progress)
+    else:  # every rank runs this; rank 0 logs, writes metrics and prepares the data cache first
+        quiet = lambda *a, **k: None  # noqa: E731
+        log, progress = (print, progress) if parallel.is_main else (quiet, False)
+        if not parallel.is_main:
+            parallel.barrier()
+        prepared = prepare_data(args.data, args.tokenizer, args.vocab_size, log=log, progress=progress)
+        if parallel.is_main:
+            parallel.barrier()
+        trainer = build_trainer(model_cfg, tcfg, prepared, log=log, progress=progress, parallel=parallel)
+    # torchrun --max-restarts: a restarted group resumes from its last checkpoint without being told to.
+    resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    main = parallel is None or parallel.is_main
+    if resume and not trainer.resume() and main:
         print(f"nanoseek: no checkpoint in {args.out} yet; starting from scratch", file=sys.stderr)
-    result = trainer.fit(sample_fn=sampler(prepared.tokenizer) if args.sample_every else None)
-    print(json.dumps(result))
+    # sampling runs the model on one rank; under torchrun sample from the exported checkpoint instead
+    sample = sampler(prepared.tokenizer) if args.sample_every and parallel is None else None
+    result = trainer.fit(sample_fn=sample)
+    if main:
+        print(json.dumps(result))
+    if parallel is not None:
+        parallel.close()
     return 0 if result["status"] != "diverged" else 1
+
+
+def _parallel(args):
+    """A nanoseek.dist.Parallel under torchrun, with --ep > 1, or to resume a run saved by one; else None."""
+    from nanoseek.train.dist_checkpoint import list_dcp_checkpoints
+
+    if "RANK" in os.environ or args.ep > 1 or (args.resume and list_dcp_checkpoints(args.out)):
+        from nanoseek.dist import Parallel
+
+        return Parallel.from_env(ep=args.ep, dp=args.dp, timeout_s=args.dist_timeout, device=args.device)
+    return None
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="turn a distributed (DCP) checkpoint into a single-file nanoseek checkpoint",
+        description="Read a torch.distributed.checkpoint folder written by a torchrun run (RUN/dcp/step_*) "
+        "in one process and write it as a nanoseek checkpoint (model, AdamW state, loader position) into "
+        "OUT/checkpoints/step_*: `nanoseek sample --run OUT` and `nanoseek train --resume --out OUT` use it. "
+        "See nanoseek/train/dist_checkpoint.py.",
+    )
+    p.add_argument(
+        "--run", required=True, metavar="DIR", help="run folder (its newest DCP checkpoint) or one"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder to write the checkpoint into")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nanoseek.train.dist_checkpoint import export_single, latest_dcp_checkpoint
+
+    ckpt = Path(args.run)
+    if not (ckpt / "state.json").exists():
+        found = latest_dcp_checkpoint(ckpt, log=lambda m: print(m, file=sys.stderr))
+        if found is None:
+            raise ValueError(f"{args.run}: no distributed checkpoint (expected {args.run}/dcp/step_*)")
+        ckpt = found
+    out = export_single(ckpt, args.out)
+    print(f"{ckpt} -> {out}")
+    return 0
 
 
 def add_sample_parser(sub) -> None:
@@ -515,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_parser(sub)
     add_speedrun_parser(sub)
     add_ablate_parser(sub)
+    add_export_parser(sub)
     for name in AREA_COMMANDS:
         importlib.import_module(name).add_parsers(sub)
     return parser

@@ -60,12 +60,24 @@ def prepare_data(
 
 
 def build_trainer(
-    model_cfg: ModelConfig, train_cfg: TrainConfig, prepared: PreparedData, log=print, progress: bool = True
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    prepared: PreparedData,
+    log=print,
+    progress: bool = True,
+    parallel=None,
 ) -> Trainer:
+    """parallel: a nanoseek.dist.Parallel under torchrun; each rank then reads its slice of the global batch."""
     model_cfg = model_cfg.replace(vocab_size=prepared.tokenizer.vocab_size)
-    train_cfg.validate(model_cfg)
+    rank, world_size = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
+    train_cfg.validate(model_cfg, world_size)
     loader = TokenLoader(
-        prepared.data_dir / "train.bin", train_cfg.batch_size, train_cfg.seq_len, train_cfg.seed
+        prepared.data_dir / "train.bin",
+        train_cfg.batch_size,
+        train_cfg.seq_len,
+        train_cfg.seed,
+        rank=rank,
+        world_size=world_size,
     )
 
     def val_batches():
@@ -75,7 +87,8 @@ def build_trainer(
 
     run_dir = Path(train_cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(prepared.tokenizer_path, run_dir / "tokenizer.json")
+    if rank == 0:
+        shutil.copyfile(prepared.tokenizer_path, run_dir / "tokenizer.json")
     return Trainer(
         model_cfg,
         train_cfg,
@@ -85,6 +98,7 @@ def build_trainer(
         bytes_per_token=prepared.bytes_per_token,
         log=log,
         progress=progress,
+        parallel=parallel,
     )
 
 

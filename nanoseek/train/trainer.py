@@ -77,7 +77,8 @@ class TrainConfig:
     max_bad_steps: int = 5
     tokens_per_step: int = field(init=False, default=0)
 
-    def validate(self, model_cfg: ModelConfig) -> TrainConfig:
+    def validate(self, model_cfg: ModelConfig, world_size: int = 1) -> TrainConfig:
+        """Check every field; `world_size` data-parallel ranks each read batch_size sequences per micro-batch."""
         for name in ("seq_len", "batch_size", "grad_accum", "eval_every", "eval_batches", "ckpt_every"):
             if getattr(self, name) <= 0:
                 raise TrainError(f"{name}: must be positive, got {getattr(self, name)}")
@@ -92,7 +93,7 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise TrainError(f"lr: must be positive, got {self.lr}")
-        self.tokens_per_step = self.batch_size * self.grad_accum * self.seq_len
+        self.tokens_per_step = self.batch_size * self.grad_accum * self.seq_len * world_size
         if self.steps is None:
             if self.tokens is None:
                 raise TrainError("steps: give --steps or --tokens")
@@ -168,8 +169,13 @@ class Trainer:
         bytes_per_token: float | None = None,
         log=print,
         progress: bool = True,
+        parallel=None,
     ):
-        self.cfg = cfg.validate(model_cfg)
+        # parallel: a nanoseek.dist.Parallel when run under torchrun (data/expert parallel, DCP checkpoints);
+        # None is one process, as before. The trainer only calls its methods at the marked places.
+        self.parallel = parallel
+        world_size = parallel.world_size if parallel is not None else 1
+        self.cfg = cfg.validate(model_cfg, world_size)
         self.model_cfg = model_cfg
         self.loader = train_loader
         self.val_batches_fn = val_batches_fn  # () -> iterable of (x, y) over the validation split
@@ -192,8 +198,14 @@ class Trainer:
         self.model = Transformer(model_cfg, seed=cfg.seed).to(self.device)
         if cfg.precision == "fp8":
             convert_to_fp8(self.model)  # same Parameters and state-dict keys: checkpoints are unchanged
+        forward = self.model
+        if parallel is not None:
+            parallel.check(model_cfg, self.cfg)  # same config on every rank, a valid EP layout
+            forward = parallel.parallelize(self.model)  # shard experts, FSDP2/DDP; self.model stays the model
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        if parallel is not None:
+            self.optimizer = parallel.adapt_optimizer(self.optimizer)
+        self.forward = torch.compile(forward) if cfg.compile else forward
         self.step = 0
         self.tokens_seen = 0
         self.train_seconds = (
@@ -202,6 +214,7 @@ class Trainer:
         self.bad_steps = 0
         self.flops_per_token = count_flops(model_cfg, cfg.seq_len).full
         self.peak, self.peak_source = peak_flops(self.device, self.precision)
+        self.peak *= world_size  # MFU of the whole job: the step's tokens over every rank's peak
 
     # ---- persistence ---------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -213,6 +226,22 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        if self.parallel is not None:  # collective: each rank writes its shards (train/dist_checkpoint.py)
+            from nanoseek.train.dist_checkpoint import save_dcp
+
+            path = save_dcp(
+                self.run_dir,
+                self.step,
+                self.model,
+                self.optimizer,
+                self.parallel,
+                state=self.state(),
+                config=self.model_cfg.to_dict(),
+                tokenizer_path=self.tokenizer_path,
+                keep_last=self.cfg.keep_last,
+            )
+            self.log(f"checkpoint: {path}")
+            return path
         path = save_checkpoint(
             self.run_dir,
             self.step,
@@ -227,7 +256,12 @@ class Trainer:
         return path
 
     def resume(self) -> bool:
-        ckpt = latest_valid_checkpoint(self.run_dir, log=self.log)
+        if self.parallel is not None:
+            from nanoseek.train.dist_checkpoint import latest_dcp_checkpoint, load_dcp
+
+            ckpt = latest_dcp_checkpoint(self.run_dir, log=self.log)
+        else:
+            ckpt = latest_valid_checkpoint(self.run_dir, log=self.log)
         if ckpt is None:
             return False
         saved_cfg = json.loads((ckpt / "config.json").read_text())
@@ -236,7 +270,10 @@ class Trainer:
                 f"{ckpt}: vocab mismatch: checkpoint has vocab_size {saved_cfg.get('vocab_size')}, "
                 f"the tokenizer has {self.model_cfg.vocab_size}"
             )
-        meta = load_checkpoint(ckpt, self.model, self.optimizer)
+        if self.parallel is not None:
+            meta = load_dcp(ckpt, self.model, self.optimizer, self.parallel)
+        else:
+            meta = load_checkpoint(ckpt, self.model, self.optimizer)
         self.step = meta["step"]
         self.tokens_seen = meta["tokens_seen"]
         self.train_seconds = meta.get("train_seconds", 0.0)
@@ -245,6 +282,8 @@ class Trainer:
         return True
 
     def _metrics(self, record: dict[str, Any]) -> None:
+        if self.parallel is not None and not self.parallel.is_main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -256,15 +295,21 @@ class Trainer:
             group["lr"] = lr
         t0 = time.perf_counter()
         parts = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
-        for _ in range(cfg.grad_accum):
+        for i in range(cfg.grad_accum):
             x, y = next(self.loader)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.autocast():
-                out = self.forward(x, targets=y)
-            (out.loss / cfg.grad_accum).backward()
+            last = i == cfg.grad_accum - 1
+            with self.parallel.gradient_sync(self.forward, last) if self.parallel else nullcontext():
+                with self.autocast():
+                    out = self.forward(x, targets=y)
+                (out.loss / cfg.grad_accum).backward()
             for k in parts:
                 parts[k] += getattr(out, k).item() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        if self.parallel is not None:  # global norm and mean losses: every rank takes the same branch below
+            grad_norm = self.parallel.clip_grad_norm_(model, cfg.grad_clip)
+            parts = dict(zip(parts, self.parallel.mean(list(parts.values()))))
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         self.step += 1
         self.tokens_seen += cfg.tokens_per_step
         if not (math.isfinite(parts["loss"]) and math.isfinite(grad_norm)):
@@ -280,6 +325,8 @@ class Trainer:
         self.bad_steps = 0
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.parallel is not None:
+            self.parallel.sync_expert_load(model)  # the whole global batch's load: identical bias updates
         loads = [m.tokens_per_expert.tolist() for m in model.moe_layers()]
         vios = model.update_balance_bias()
         if self.device.type == "cuda":
@@ -297,6 +344,8 @@ class Trainer:
             "tok_s": round(tok_s, 1),
             "mfu": round(tok_s * self.flops_per_token / self.peak, 4),
         }
+        if self.parallel is not None and self.parallel.ep > 1:
+            rec["a2a_bytes"] = int(self.parallel.sum([self.parallel.pop_a2a_bytes(model)])[0])
         if vios:
             rec["max_vio"] = round(sum(vios) / len(vios), 4)
             rec["max_vio_layers"] = [round(v, 4) for v in vios]
@@ -323,8 +372,9 @@ class Trainer:
         """Train to cfg.steps (or until `stop_at`, treated like an interruption: checkpoint and return)."""
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_dir / "config.json", self.model_cfg.to_dict())
-        write_json_atomic(self.run_dir / "train_config.json", asdict(cfg))
+        if self.parallel is None or self.parallel.is_main:
+            write_json_atomic(self.run_dir / "config.json", self.model_cfg.to_dict())
+            write_json_atomic(self.run_dir / "train_config.json", asdict(cfg))
         self.model.train()
         self.log(
             f"training {self.model_cfg.name}: {self.model.num_params():,} params, {cfg.steps} steps x "
@@ -361,7 +411,8 @@ class Trainer:
                     self.log(f"sample @ {self.step}: {sample_fn(self.model)!r}")
                 if self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
                     self.save()
-                if flag.stop or (stop_at is not None and self.step >= stop_at):
+                stop = self.parallel.any(flag.stop) if self.parallel else flag.stop  # all ranks stop together
+                if stop or (stop_at is not None and self.step >= stop_at):
                     status = "interrupted"
                     break
         bar.close()
