@@ -11,7 +11,7 @@ import sys
 
 from nanoseek.argtypes import UsageError, fraction, non_negative_number, positive_int, positive_number
 
-DEFAULT_BUDGETS = "1e11,3e11,1e12"  # the committed CPU sweep (docs/scaling.md)
+DEFAULT_BUDGETS = "3e10,1e11,3e11"  # the committed CPU sweep (docs/scaling.md)
 DEFAULT_HPARAM_BUDGETS = "3e10,1e11,3e11"
 _DATA_HELP = "a corpus (text file, folder, JSONL, parquet) or 'default' for Shakespeare's complete works"
 
@@ -38,7 +38,7 @@ def _add_run_flags(p, budgets: str, out: str) -> None:
     f = p.add_argument_group("model family (nanoseek/scaling/family.py)")
     f.add_argument("--family", choices=("dense", "mla", "moe"), default="dense", help="architecture (dense)")
     f.add_argument("--aspect", type=positive_number, default=32.0, help="d_model / n_layer of the rule (32)")
-    f.add_argument("--head-dim", type=positive_int, default=16, help="width of every head (16)")
+    f.add_argument("--head-dim", type=positive_int, default=8, help="width of every head (8)")
     f.add_argument("--seq-len", type=positive_int, default=128, help="l_seq, for training and M (128)")
     r = p.add_argument_group("runs")
     r.add_argument("--data", default="default", metavar="PATH|default", help=_DATA_HELP)
@@ -50,7 +50,9 @@ def _add_run_flags(p, budgets: str, out: str) -> None:
     r.add_argument("--warmup-frac", type=fraction, default=0.05, help="warmup as a fraction of steps (0.05)")
     r.add_argument("--min-steps", type=positive_int, default=50, help="leave out runs shorter than this (50)")
     r.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel, one process each (1)")
-    r.add_argument("--threads", type=positive_int, help="torch threads per run (default: cores / jobs)")
+    r.add_argument(
+        "--threads", type=positive_int, help="torch threads per run (default 1; use --jobs for more cores)"
+    )
     r.add_argument("--out", default=out, metavar="DIR", help=f"sweep folder: results, runs, report ({out})")
     r.add_argument("--dry-run", action="store_true", help="print the plan and stop")
 
@@ -96,15 +98,16 @@ def add_sweep_parser(sub) -> None:
         "and write OUT/scaling_report.md (as `nanoseek scaling fit`).",
     )
     _add_run_flags(p, DEFAULT_BUDGETS, "runs/scaling")
-    p.add_argument("--sizes", type=positive_int, default=7, help="model sizes per budget (7)")
+    p.add_argument("--sizes", type=positive_int, default=5, help="model sizes per budget (5)")
     p.add_argument(
-        "--span", type=positive_number, default=8.0, help="sizes span centre/span..centre*span (8)"
+        "--span", type=positive_number, default=4.0, help="sizes span centre/span..centre*span (4)"
     )
     p.add_argument(
         "--center",
         type=positive_number,
-        default=1.0,
-        help="centre of the sizes = this x DeepSeek LLM eq. 4's M_opt(C) (1.0)",
+        default=2.0,
+        help="centre of the sizes = this x DeepSeek LLM eq. 4's M_opt(C) (2: small models gain from the "
+        "uncounted embedding and head)",
     )
     p.add_argument(
         "--hparams", metavar="JSON", help="a fitted law (hparams_law.json) instead of DeepSeek's eq. 1"
@@ -264,4 +267,7 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     actions = {"sweep": cmd_sweep, "fit": cmd_fit, "hparams": cmd_hparams}
     if args.action not in actions:
         raise UsageError("choose a scaling action: sweep, fit or hparams")
-    return actions[args.action](args)
+    try:
+        return actions[args.action](args)
+    except KeyboardInterrupt:  # the runner has stopped its runs and said how to resume
+        return 130

@@ -38,7 +38,7 @@ class FamilyError(ValueError):
 class Family:
     kind: str = "dense"
     aspect: float = 32.0  # d_model / n_layer that the rule aims for
-    head_dim: int = 16  # every head is this wide; d_model is a multiple of it
+    head_dim: int = 8  # every head is this wide; d_model is a multiple of it (8: fine size steps on CPU)
     seq_len: int = 128  # l_seq of M's attention term and of training
     vocab_size: int = 512  # replaced by the tokenizer's at training time
     max_layers: int = 64
