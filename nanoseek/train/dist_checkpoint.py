@@ -30,6 +30,8 @@ import json
 import os
 import re
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +132,15 @@ def _state_dicts(model, optimizer, parallel: Parallel) -> tuple[dict, dict]:
 
 
 # ---- save / load ---------------------------------------------------------------------------------------
+@contextmanager
+def _quiet_if_alone(parallel: Parallel):
+    """DCP warns whenever it runs without a process group; for one plain process that is the intent."""
+    with warnings.catch_warnings():
+        if not parallel.joined:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_dcp(
     run_dir: str | Path,
     step: int,
@@ -151,7 +162,8 @@ def save_dcp(
     parallel.barrier()
     model_sd, optim_sd = _state_dicts(model, optimizer, parallel)
     payload = {"model": model_sd, "optim": optim_sd, "rng": {"torch": torch.get_rng_state()}}
-    dcp.save(payload, checkpoint_id=tmp, no_dist=not parallel.joined)
+    with _quiet_if_alone(parallel):
+        dcp.save(payload, checkpoint_id=tmp, no_dist=not parallel.joined)
     parallel.barrier()  # every rank's shards are on disk
     if parallel.is_main:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -185,9 +197,12 @@ def load_dcp(
     meta = read_dcp_state(ckpt)
     model_sd, optim_sd = _state_dicts(model, optimizer, parallel)
     rng = {"torch": torch.get_rng_state()}
-    dcp.load(
-        {"model": model_sd, "optim": optim_sd, "rng": rng}, checkpoint_id=ckpt, no_dist=not parallel.joined
-    )
+    with _quiet_if_alone(parallel):
+        dcp.load(
+            {"model": model_sd, "optim": optim_sd, "rng": rng},
+            checkpoint_id=ckpt,
+            no_dist=not parallel.joined,
+        )
     experts = _expert_shards(model)
     set_state_dict(
         model,
