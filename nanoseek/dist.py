@@ -266,12 +266,15 @@ class Parallel:
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:
         """Finish the step's gradients (expert grads summed over replicas, divided by W), clip by the
         global norm; returns the norm before clipping (same on every rank)."""
-        experts = set(self.expert_params(model))
-        if experts and self.joined:
-            expert_grads = [p.grad for p in experts if p.grad is not None]
-            if self.world_size // self.ep > 1:
-                for g in expert_grads:
-                    dist.all_reduce(g, group=self.replica_group)
+        expert_list = self.expert_params(model)  # module order: the same on every rank
+        experts = set(expert_list)
+        expert_grads = [p.grad for p in expert_list if p.grad is not None]
+        if expert_grads and self.joined:
+            if self.world_size // self.ep > 1:  # one all-reduce over the replicas of this rank's experts
+                flat = torch.cat([g.flatten() for g in expert_grads])
+                dist.all_reduce(flat, group=self.replica_group)
+                for g, summed in zip(expert_grads, flat.split([g.numel() for g in expert_grads])):
+                    g.copy_(summed.view_as(g))
             torch._foreach_div_(expert_grads, float(self.world_size))
         sharded = torch.zeros((), device=self.device)  # squares of FSDP shards: summed over all ranks
         expert_sq = torch.zeros((), device=self.device)  # squares of this rank's experts: over the EP group
