@@ -214,7 +214,7 @@ def _add_grpo(sub) -> None:
     )
     o.add_argument("--mu", type=positive_int, default=1, help="passes over each rollout batch (1)")
     o.add_argument("--minibatches", type=positive_int, default=1, help="optimizer steps per pass (1)")
-    o.add_argument("--micro-batch", type=positive_int, default=64, help="sequences per forward (64)")
+    o.add_argument("--micro-batch", type=positive_int, default=16, help="sequences per forward (16)")
     o.add_argument("--lr", type=positive_number, default=1e-5, help="learning rate (1e-5)")
     o.add_argument("--warmup-steps", type=int, default=0, help="linear warmup (0)")
     o.add_argument("--weight-decay", type=non_negative_number, default=0.0, help="AdamW decay (0)")

@@ -75,7 +75,7 @@ class GRPOConfig:
     scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
     mu: int = 1  # passes over each rollout batch
     minibatches: int = 1  # optimizer steps per pass
-    micro_batch: int = 64  # sequences per forward/backward (memory only; the loss is exact)
+    micro_batch: int = 16  # sequences per forward/backward (memory only; the loss is exact)
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 3
     mask_truncated: bool = False  # DAPO overlong filtering: truncated completions get no loss
@@ -146,7 +146,11 @@ def token_logprobs(model, inputs, targets, start: int, temperature: float, with_
 
     Logits are divided by the sampling temperature, so pi is the distribution the rollouts were drawn from."""
     logits = model(inputs).logits[:, start:].float() / temperature  # [N, T, V]
-    logp = -F.cross_entropy(logits.transpose(1, 2), targets[:, start:], reduction="none")  # [N, T]
+    T, V = logits.shape[1], logits.shape[2]
+    # flattened: cross_entropy over a transposed [N, V, T] view is ~1.5x slower on CPU
+    logp = -F.cross_entropy(logits.reshape(-1, V), targets[:, start:].reshape(-1), reduction="none").view(
+        -1, T
+    )
     if not with_entropy:
         return logp, None
     with torch.no_grad():
@@ -162,6 +166,7 @@ class GRPOTrainer:
         self.cfg = cfg.validate()
         self.log, self.progress = log, progress
         self.run_dir = Path(cfg.out)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.device)
         self.task = make_task(cfg.task)
         self.rewards = RewardSet.from_specs(cfg.rewards)
@@ -288,18 +293,34 @@ class GRPOTrainer:
         start = min(len(c.prompt_ids) for c in flat) - 1  # positions before this never hold completion tokens
         inputs, targets, mask = inputs.to(dev), targets.to(dev), mask[:, start:].to(dev)
         adv = adv.to(dev)
-        N = len(flat)
+        lengths = torch.tensor([len(c.prompt_ids) + len(c.ids) for c in flat])
+        N, width = len(flat), mask.shape[1]
 
-        def pieces(index: torch.Tensor):
+        def pieces(index: torch.Tensor) -> list[torch.Tensor]:
+            """Micro-batches of similar length, so each is padded only to its own longest sequence."""
+            index = index[lengths[index].argsort(stable=True)]
             return [index[i : i + cfg.micro_batch] for i in range(0, len(index), cfg.micro_batch)]
+
+        def logprobs(m, idx: torch.Tensor, with_entropy: bool = False):
+            """[len(idx), width] log-probs (and entropies) of the completion tokens, zero past each piece's end."""
+            end = int(lengths[idx].max()) - 1
+            logp, entropy = token_logprobs(
+                m, inputs[idx, :end], targets[idx, :end], start, cfg.temperature, with_entropy
+            )
+            pad = (0, width - logp.shape[1])
+            return F.pad(logp, pad), None if entropy is None else F.pad(entropy, pad)
 
         old_logp = ref_logp = None
         with torch.no_grad():
             if cfg.off_policy:  # pi_old: the policy that sampled, before any update of this step
                 model.eval()
-                old_logp = self._logprobs_nograd(model, inputs, targets, start, pieces(torch.arange(N)))
+                old_logp = torch.zeros(N, width, device=dev)
+                for idx in pieces(torch.arange(N)):
+                    old_logp[idx] = logprobs(model, idx)[0]
             if self.ref is not None:
-                ref_logp = self._logprobs_nograd(self.ref, inputs, targets, start, pieces(torch.arange(N)))
+                ref_logp = torch.zeros(N, width, device=dev)
+                for idx in pieces(torch.arange(N)):
+                    ref_logp[idx] = logprobs(self.ref, idx)[0]
         model.train()
 
         sums = {"kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0, "tokens": 0.0, "loss": 0.0}
@@ -311,9 +332,7 @@ class GRPOTrainer:
                 n_tokens = float(mask[mb].sum())
                 for idx in pieces(mb):
                     m = mask[idx]
-                    logp, entropy = token_logprobs(
-                        model, inputs[idx], targets[idx], start, cfg.temperature, with_entropy=True
-                    )
+                    logp, entropy = logprobs(model, idx, with_entropy=True)
                     old = old_logp[idx] if old_logp is not None else logp.detach()
                     terms = grpo_loss(
                         logp,
@@ -353,14 +372,6 @@ class GRPOTrainer:
         if self.ref is not None:
             out["kl"] = sums["kl"] / tokens
         return out
-
-    def _logprobs_nograd(self, model, inputs, targets, start, index_pieces) -> torch.Tensor:
-        return torch.cat(
-            [
-                token_logprobs(model, inputs[i], targets[i], start, self.cfg.temperature)[0]
-                for i in index_pieces
-            ]
-        )
 
     # ---- evaluation -----------------------------------------------------------------------------------------
     def evaluate(self) -> dict:

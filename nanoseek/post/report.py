@@ -158,11 +158,11 @@ def write_grpo_report(run_dir: str | Path) -> Path:
     return path
 
 
-def sample_traces(samples: list[dict], n: int = 3) -> list[str]:
+def sample_traces(samples: list[dict], n: int = 3, heading: str = "##") -> list[str]:
     """Markdown blocks with the held-out traces of the first and the last evaluation."""
     if not samples:
         return []
-    lines = ["## Sample traces (held-out, greedy)", ""]
+    lines = [f"{heading} Sample traces (held-out, greedy)", ""]
     for rec in (samples[0], samples[-1]) if len(samples) > 1 else (samples[0],):
         lines += [f"Step {rec['step']}:", ""]
         for ex in rec["examples"][:n]:
