@@ -12,6 +12,10 @@ only for MoE). Kinds:
 - `moe`: MLA + DeepSeekMoE (V3 §2.1.2): 16 routed experts, top-2, 1 shared, first layer dense, each expert of
   width round(8d/9), so the activated FFN matches the dense family's 8d^2 weights per layer.
 
+Initialisation: DeepSeek-V3's std 0.006 (V3 §4.2) is 0.5/sqrt(d) at its d = 7168; the family keeps that
+multiple, std = 0.5/sqrt(d), at every width. The absolute 0.006 starves tiny models: at d = 40..64 and ~250
+steps it cost 0.2-0.3 bits per byte against 0.5/sqrt(d) (docs/scaling.md), which bent the IsoFLOP curves.
+
 What a reader gets wrong: n_layer and d are integers (d a multiple of head_dim), so a target M is only met
 approximately; everything downstream uses the config's exact M, never the target. At CPU scale the head and
 embedding (vocab x d) are not in M and can cost more than the whole body; that is DeepSeek's convention, and
@@ -76,6 +80,7 @@ class Family:
             tie_word_embeddings=False,
             v_head_dim=hd,
             first_k_dense_replace=0,
+            initializer_range=round(0.5 / math.sqrt(d_model), 6),
         )
         if self.kind == "dense":
             # MHA with RoPE over the whole head: q/k heads of nope + rope = head_dim, so wq, wk, wv, wo are d x d.

@@ -4,7 +4,10 @@
    a parabola of loss against ln M; its vertex is M_opt(C), and D_opt(C) = C / M_opt(C). Then least squares in
    log-log space, `M_opt = M_base C^a`. D_opt is C / M_opt, so `D_opt = (1 / M_base) C^(1 - a)`: a + b = 1 and
    M_base x D_base = 1 hold by construction (DeepSeek's eq. 4 has 0.5243 + 0.4757 = 1, 0.1715 x 5.8316 = 1.0001).
-   Confidence intervals: a bootstrap that resamples runs within each budget and refits everything.
+   Confidence intervals: a residual bootstrap: each draw adds residuals, resampled from all budgets' parabola
+   residuals (inflated by sqrt(n / (n - 3)) for the 3 fitted coefficients), to every fitted parabola and refits
+   everything. With 5-7 runs per budget, resampling the runs themselves often leaves 3 distinct sizes and a
+   vertex anywhere; keeping the sizes fixed and the noise (and misfit) as measured is the steadier choice.
 2. Parametric (Chinchilla approach 3, §3.3, eq. 10 and App. D.2): `L(N, D) = E + A / N^alpha + B / D^beta`,
    fitted in log space, `log L = LSE(a - alpha log N, b - beta log D, e)` with A = e^a, B = e^b, E = e^e, by
    minimising the Huber loss (delta = 1e-3) of the residuals in log L with L-BFGS from a grid of starting points
@@ -64,6 +67,8 @@ def fit_power_law(x, y) -> PowerLaw:
     if len(np.unique(x)) < 2:
         raise FitError("power law: need at least two distinct x values")
     slope, intercept = np.polyfit(np.log(x), np.log(y), 1)
+    if abs(intercept) > 700:
+        raise FitError(f"power law: coefficient e^{intercept:.0f} is out of range")
     return PowerLaw(float(math.exp(intercept)), float(slope))
 
 
@@ -113,6 +118,8 @@ def fit_parabola(budget: float, m, loss) -> Parabola:
             f"C={budget:.3g}: loss vs ln M curves downward (no minimum): the sizes tried "
             f"({m.min():.3g}..{m.max():.3g}) do not bracket the optimum; widen or move the size range"
         )
+    if abs(p1 / (2 * p2)) > 700:  # e^700 overflows: a curve this flat has no usable vertex
+        raise FitError(f"C={budget:.3g}: loss vs ln M is nearly flat; its vertex is out of range")
     return Parabola(float(budget), float(p2), float(p1), float(p0), (float(m.min()), float(m.max())), len(m))
 
 
@@ -145,7 +152,7 @@ class IsoFLOPFit:
     m_base_ci: tuple[float, float]
     frontier_exp_ci: tuple[float, float]
     n_boot: int
-    boot_failed: int  # bootstrap draws without a minimum at some budget (left out of the intervals)
+    boot_failed: int  # draws with no minimum, or one > 10x outside the sizes, at some budget (left out)
     boot: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
 
     @property
@@ -196,16 +203,26 @@ def fit_isoflop(budget, m, loss, n_boot: int = 1000, ci: float = 0.95, seed: int
     parabolas = [fit_parabola(c, mm, ll) for c, (mm, ll) in groups.items()]
     m_law, frontier = _laws(parabolas)
     rng = np.random.default_rng(seed)
+    residuals = np.concatenate(
+        [
+            (ll - p(mm)) * math.sqrt(len(mm) / (len(mm) - 3))
+            for p, (mm, ll) in zip(parabolas, groups.values())
+            if len(mm) > 3
+        ]
+        or [np.zeros(1)]
+    )
     draws: dict[str, list[float]] = {"a": [], "ln_m_base": [], "gamma_exp": [], "ln_k": []}
     failed = 0
     for _ in range(n_boot):
         try:
-            resampled = []
-            for c, (mm, ll) in groups.items():
-                idx = rng.integers(0, len(mm), len(mm))
-                resampled.append(fit_parabola(c, mm[idx], ll[idx]))
+            resampled = [
+                fit_parabola(p.budget, mm, p(mm) + rng.choice(residuals, len(mm)))
+                for p, (mm, _) in zip(parabolas, groups.values())
+            ]
+            if any(not p.m_range[0] / 10 <= p.m_opt <= p.m_range[1] * 10 for p in resampled):
+                raise FitError("vertex more than 10x outside the sizes tried")
             ml, fl = _laws(resampled)
-        except FitError:  # a draw with < 3 distinct sizes or no minimum at some budget
+        except FitError:  # a draw with no usable minimum at some budget: counted, left out of the intervals
             failed += 1
             continue
         draws["a"].append(ml.exp)

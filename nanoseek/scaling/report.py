@@ -12,6 +12,7 @@ finished ones: diverged and failed runs are listed, never silently dropped.
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import time
@@ -128,8 +129,8 @@ def _differences(a: Analysis) -> list[str]:
     lines = [
         f"- **Scale.** Our budgets span {min(budgets):.2g}..{max(budgets):.2g} FLOPs and M spans {ms[0]:.3g}..{ms[-1]:.3g} "
         "FLOPs/token; DeepSeek LLM fitted 1e17..3e20 (models of 1e8..1e10 FLOPs/token), Chinchilla 6e18..3e21. "
-        "Ours is 5-9 orders of magnitude smaller, with "
-        f"{len(budgets)} budgets instead of 8-9, so the interval on a is wide.",
+        f"Ours is {math.log10(1e17 / max(budgets)):.0f}-{math.log10(3e20 / min(budgets)):.0f} orders of magnitude smaller, with "
+        f"{len(budgets)} budgets instead of 8-9.",
         f"- **Counting.** M excludes the embedding and the output head. At our vocabulary ({fam.vocab_size}) the head's "
         f"6·V·d is {head_share[0]:.0%} of M for the smallest model and {head_share[1]:.0%} for the largest, so M "
         "under-counts the real cost of small models most; Pearce & Song (arXiv 2406.12907) trace Kaplan's 0.73 to "
@@ -181,8 +182,12 @@ def write_report(a: Analysis, folder: Path, command: str = "") -> Path:
         *exponent_rows(a),
         "",
         f"a + b = {f.a + f.b:.4f} and M_base x D_base = {f.m_opt.coef * f.d_opt.coef:.4f} by construction "
-        f"(D_opt = C / M_opt). Bootstrap: {f.n_boot} resamples of the runs within each budget"
-        + (f", {f.boot_failed} without a minimum at some budget (left out)" if f.boot_failed else "")
+        f"(D_opt = C / M_opt). Intervals: {f.n_boot} residual-bootstrap draws (nanoseek/scaling/fit.py)"
+        + (
+            f", {f.boot_failed} without a minimum within 10x of the sizes tried at some budget (left out)"
+            if f.boot_failed
+            else ""
+        )
         + ".",
         "",
         "![optimal](optimal.png)",
