@@ -1,8 +1,9 @@
-"""The speedrun (`make run` = `nanoseek speedrun`): tokenizer -> pretraining -> evaluation -> samples -> report.
+"""The speedrun (`make run` = `nanoseek speedrun`): tokenizer -> pretraining -> SFT -> GRPO -> report.
 
 On the 2-core CPU reference machine it pretrains the `tiny` DeepSeek-V3-architecture model (MLA, DeepSeekMoE
 with 16 fine-grained routed experts + 1 shared, aux-loss-free balancing, one MTP module) on Shakespeare's complete
-works in under 15 minutes, end to end, and writes `RUN_DIR/report.md`. Later stages (SFT, RL) append to it.
+works in under 15 minutes, end to end, and writes `RUN_DIR/report.md`. Then a short SFT cold start on generated
+arithmetic traces and GRPO (nanoseek/post/stages.py, in RUN_DIR/sft and RUN_DIR/grpo) add a post-training section.
 `--quick` is the same pipeline shrunk to well under a minute, for tests.
 """
 
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 from nanoseek.config import ModelConfig, get_preset
+from nanoseek.post.stages import post_training
 from nanoseek.sample import generate
 from nanoseek.train.report import write_report
 from nanoseek.train.run import build_trainer, prepare_data
@@ -81,6 +83,7 @@ def speedrun(
             trainer.model, bos + tok.encode(prompt), 24 if quick else 120, temperature=0.8, top_k=50, seed=i
         )
         samples.append(prompt + tok.decode(ids))
+    post = post_training(train_cfg.out, quick, resume, log=log, progress=progress)  # SFT, then GRPO
     report = write_report(
         train_cfg.out,
         samples,
@@ -91,5 +94,6 @@ def speedrun(
             "wall time (everything, incl. tokenizer and data)": _duration(time.perf_counter() - t0),
         },
     )
+    report.write_text(report.read_text() + "\n".join(post) + "\n")
     log(f"report: {report}")
     return report
