@@ -73,3 +73,56 @@ def test_logit_distillation_mixes_ce_and_kl_on_trained_tokens_only():
         out.loss, 0.5 * plain.lm_loss + 0.5 * kd + plain.mtp_loss + plain.balance_loss, atol=1e-5
     )
     assert all(not n.startswith("teacher") for n, _ in wrapped.named_parameters())
+
+
+def test_distill_writes_the_kept_samples_and_trains_a_fresh_student_with_logit_loss(tmp_path, monkeypatch):
+    """The wiring: rejection sampling (scripted here) -> distill.jsonl -> student SFT with KD -> evaluation."""
+    from post_helpers import one_thread, save_run, small_cfg
+
+    import nanoseek.post.distill as distill_module
+    from nanoseek.post.distill import RejectionStats, distill
+    from nanoseek.train.trainer import TrainConfig
+
+    threads = one_thread()
+    teacher = save_run(tmp_path / "teacher")
+    task = make_task("mul:digits=1")
+    problems = task.problems("train", 30)
+    convs = [
+        [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.solution()}]
+        for p in problems
+    ]
+
+    def scripted(sampler, task, problems, samples_per_problem, temperature=1.0, seed=0, **kw):
+        return convs, RejectionStats(len(convs), 4 * len(convs), len(convs), len(convs), len(convs))
+
+    monkeypatch.setattr(distill_module, "rejection_sample", scripted)
+    cfg = TrainConfig(
+        out=str(tmp_path / "student"),
+        seq_len=63,
+        batch_size=4,
+        steps=3,
+        lr=1e-3,
+        warmup_steps=1,
+        eval_every=10**6,
+        ckpt_every=10**6,
+        device="cpu",
+    )
+    try:
+        result = distill(
+            str(teacher),
+            task,
+            cfg,
+            student_config=small_cfg(hidden_size=32, num_attention_heads=1),
+            kd_weight=0.5,
+            eval_problems=4,
+            pass_k=2,
+            log=lambda *a: None,
+            progress=False,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "student"
+    assert len((out / "distill.jsonl").read_text().splitlines()) == 30
+    assert result["rejection"]["kept"] == 30 and result["train"]["step"] == 3
+    assert set(result["eval"]) >= {"greedy_pass1", "pass2", "mean2"}
+    assert (out / "checkpoints").is_dir() and (out / "distill_result.json").exists()

@@ -135,6 +135,7 @@ def distill(
 ) -> dict:
     """Rejection-sample from the teacher, SFT the student on the kept samples, evaluate it; returns the results."""
     from nanoseek.infer import load
+    from nanoseek.tokenizer import Tokenizer
 
     if (student_init is None) == (student_config is None):
         raise DistillError("give exactly one of student_init (a run to start from) or student_config")
@@ -142,6 +143,12 @@ def distill(
     out.mkdir(parents=True, exist_ok=True)
     teacher_model, tokenizer = load(teacher)
     teacher_model.float()
+    if student_init is not None:
+        student_tok = Tokenizer.load(Path(student_init) / "tokenizer.json")
+        if student_tok.sha256 != tokenizer.sha256:
+            raise DistillError(
+                "the student's tokenizer differs from the teacher's; distill needs the same one"
+            )
     sampler = Sampler(teacher_model, prompt_format(tokenizer, "r1"), max_new_tokens, max_batch=256)
     conversations, stats = rejection_sample(sampler, task, problems, samples_per_problem, temperature, seed)
     log(f"rejection sampling: {stats.summary()}")
@@ -159,6 +166,7 @@ def distill(
         progress=progress,
         model_config=student_config,
         epochs=epochs,
+        vocab_size=teacher_model.cfg.vocab_size,  # logit distillation needs the same output space
     )
     if student_init is not None:
         _, student_tok = load(student_init)
@@ -167,6 +175,11 @@ def distill(
                 "the student's tokenizer differs from the teacher's; distill needs the same one"
             )
     if kd_weight > 0:
+        if trainer.model.cfg.vocab_size != teacher_model.cfg.vocab_size:
+            raise DistillError(
+                f"logit distillation needs equal vocabularies: student {trainer.model.cfg.vocab_size}, "
+                f"teacher {teacher_model.cfg.vocab_size}"
+            )
         trainer.forward = LogitDistillation(trainer.model, teacher_model, kd_weight, kd_temperature)
     result = trainer.fit()
     sampler = Sampler(trainer.model, prompt_format(tokenizer, "r1"), max_new_tokens, max_batch=256)

@@ -168,10 +168,12 @@ def build_sft_trainer(
     progress: bool = True,
     model_config=None,
     epochs: float | None = None,
+    vocab_size: int | None = None,
 ) -> Trainer:
     """A Trainer fine-tuning `init` (a run, checkpoint or HF folder) on conversations; weights loaded unless a
     checkpoint in cfg.out is resumed. `model_config` trains a fresh model of that config instead (init then
-    only provides the tokenizer). Without cfg.steps/tokens, `epochs` passes over the packed rows set the length."""
+    only provides the tokenizer; its vocab_size becomes the tokenizer's, or `vocab_size`). Without
+    cfg.steps/tokens, `epochs` passes over the packed rows set the length."""
     from nanoseek.infer import load
     from nanoseek.tokenizer import Tokenizer
 
@@ -183,7 +185,7 @@ def build_sft_trainer(
         tokenizer = (
             Tokenizer.load(Path(init) / "tokenizer.json") if Path(init).is_dir() else Tokenizer.load(init)
         )
-        model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size)
+        model_cfg = model_cfg.replace(vocab_size=vocab_size or tokenizer.vocab_size)
     examples, dropped = encode_all(tokenizer, conversations, cfg.seq_len + 1)
     if dropped:
         log(
