@@ -81,8 +81,9 @@ def test_parametric_fit_is_robust_to_starting_points():
     other = {"alpha": (0.1, 2.0), "beta": (0.2, 1.5), "e": (-1.0, 1.0), "a": (0.0, 20.0), "b": (2.0, 25.0)}
     fits = [fit_parametric(m, d, loss, grid=g, top=3) for g in (SMALL_GRID, other)]
     for key in ("alpha", "beta", "E"):
-        assert getattr(fits[0], key) == pytest.approx(getattr(fits[1], key), rel=0.02)
-    assert fits[0].a == pytest.approx(fits[1].a, abs=0.005)
+        assert getattr(fits[0], key) == pytest.approx(getattr(fits[1], key), rel=1e-3)
+    assert fits[0].a == pytest.approx(fits[1].a, abs=1e-4)
+    assert all(f.n_agree >= 2 for f in fits)  # the optimum is reached from more than one start
 
 
 @pytest.mark.parametrize(

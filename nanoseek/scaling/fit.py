@@ -19,7 +19,8 @@
 
 What a reader gets wrong: the parabola is in ln M, not M; a parabola that opens downward (or a vertex far outside
 the sizes tried) means the sizes did not bracket the optimum, and that is an error here, not a number. Huber with
-delta = 1e-3 on *log* loss is nearly an L1 fit: one bad run moves it little.
+delta = 1e-3 on *log* loss is nearly an L1 fit: one bad run moves it little; and its tiny values need tight
+L-BFGS tolerances (`LBFGS_OPTIONS`), or the optimiser stops where it started.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ import numpy as np
 from nanoseek.scaling.laws import PowerLaw
 
 HUBER_DELTA = 1e-3  # Chinchilla App. D.2
+# The summed Huber loss is ~1e-4 and its gradient far below scipy's default gtol (1e-5), which stops L-BFGS at
+# (or near) its starting point: every start then "converges" somewhere else. Tight tolerances fix that.
+LBFGS_OPTIONS = {"gtol": 1e-12, "ftol": 1e-15, "maxiter": 5000}
 # Chinchilla App. D.2's initialisation grid: alpha, beta in {0, 0.5, ..., 2}, e in {-1, -0.5, ..., 1},
 # a, b in {0, 5, ..., 25}.
 CHINCHILLA_GRID = {
@@ -356,7 +360,14 @@ def fit_parametric(
         starts = starts[np.argsort(scores, kind="stable")[:top]]
     results = []
     for x0 in starts:
-        res = minimize(_huber_objective, x0, args=(ln_n, ln_d, ln_l, delta), jac=True, method="L-BFGS-B")
+        res = minimize(
+            _huber_objective,
+            x0,
+            args=(ln_n, ln_d, ln_l, delta),
+            jac=True,
+            method="L-BFGS-B",
+            options=LBFGS_OPTIONS,
+        )
         if np.all(np.isfinite(res.x)) and np.isfinite(res.fun):
             results.append((float(res.fun), res.x))
     if not results:

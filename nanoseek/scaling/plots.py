@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from nanoseek.scaling.fit import IsoFLOPFit  # noqa: E402
 from nanoseek.scaling.hparams import HparamFit  # noqa: E402
@@ -28,6 +29,15 @@ from nanoseek.scaling.laws import DEEPSEEK_D_OPT, DEEPSEEK_HPARAMS, DEEPSEEK_M_O
 
 def _colors(n: int):
     return plt.cm.viridis(np.linspace(0.05, 0.9, max(n, 1)))
+
+
+def _log(ax, y: bool = True) -> None:
+    """Log axes without minor-tick labels (they overlap on short ranges)."""
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if y:
+        ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _save(fig, path: Path) -> Path:
@@ -45,7 +55,7 @@ def plot_isoflop(fit: IsoFLOPFit, runs: list[dict], metric: str, path: Path) -> 
         grid = np.geomspace(p.m_range[0] / 1.3, p.m_range[1] * 1.3, 100)
         ax.plot(grid, p(grid), color=color, label=f"C = {p.budget:.2g}")
         ax.plot([p.m_opt], [p.loss_opt], marker="*", color=color, ms=12, mec="k", zorder=4)
-    ax.set_xscale("log")
+    _log(ax, y=False)
     ax.set_xlabel("M: non-embedding FLOPs per token")
     ax.set_ylabel(f"final validation {metric.replace('val_', '')}")
     ax.set_title("IsoFLOP curves: parabolas in ln M, vertices = M_opt(C)")
@@ -97,8 +107,7 @@ def plot_optimal(fit: IsoFLOPFit, path: Path, check: dict | None = None) -> Path
                 zorder=4,
                 label="check run",
             )
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        _log(ax)
         ax.set_xlabel("C: compute (FLOPs = M x D)")
         ax.set_ylabel(what + (" (FLOPs/token)" if what == "M_opt" else " (tokens)"))
         ax.grid(alpha=0.3, which="both")
@@ -149,8 +158,7 @@ def plot_frontier(
             zorder=4,
             label="check run (measured)",
         )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    _log(ax)
     ax.set_xlabel("C: compute (FLOPs)")
     ax.set_ylabel(f"final validation {metric.replace('val_', '')}")
     ax.set_title("Loss vs compute frontier")
@@ -200,8 +208,7 @@ def plot_hparams(fit: HparamFit, path: Path) -> Path:
             )
         ax.plot(c, ours(c), color="C0", label=f"fit: {ours.coef:.3g} C^{ours.exp:.4f}")
         ax.plot(c, ds(c), "k:", label=f"DeepSeek LLM eq. 1: {ds.coef} C^{ds.exp}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        _log(ax)
         ax.set_xlabel("C: compute (FLOPs)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3, which="both")
