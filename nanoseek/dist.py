@@ -33,7 +33,7 @@ import datetime
 import hashlib
 import json
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -227,6 +227,11 @@ class Parallel:
             for p in m.experts.parameters()
         ]
 
+    def num_params(self, model: nn.Module) -> int:
+        """Parameters of the whole model (FSDP2's DTensors count globally; expert slices times ep)."""
+        experts = set(self.expert_params(model))
+        return sum(p.numel() * (self.ep if p in experts else 1) for p in model.parameters())
+
     def adapt_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """The same optimizer with each param group split into DTensor and plain-tensor groups.
 
@@ -252,15 +257,11 @@ class Parallel:
             with forward_module.no_sync():
                 yield
             return
-        if hasattr(forward_module, "set_requires_gradient_sync"):  # FSDP2
-            forward_module.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                forward_module.set_requires_gradient_sync(True)
-            return
-        with nullcontext():
+        forward_module.set_requires_gradient_sync(False)  # FSDP2
+        try:
             yield
+        finally:
+            forward_module.set_requires_gradient_sync(True)
 
     # ---- one step's collectives ----------------------------------------------------------------------------
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:

@@ -176,6 +176,8 @@ class Trainer:
         self.parallel = parallel
         world_size = parallel.world_size if parallel is not None else 1
         self.cfg = cfg.validate(model_cfg, world_size)
+        if parallel is not None:
+            parallel.check(model_cfg, self.cfg)  # same config on every rank, a valid EP layout
         self.model_cfg = model_cfg
         self.loader = train_loader
         self.val_batches_fn = val_batches_fn  # () -> iterable of (x, y) over the validation split
@@ -200,7 +202,6 @@ class Trainer:
             convert_to_fp8(self.model)  # same Parameters and state-dict keys: checkpoints are unchanged
         forward = self.model
         if parallel is not None:
-            parallel.check(model_cfg, self.cfg)  # same config on every rank, a valid EP layout
             forward = parallel.parallelize(self.model)  # shard experts, FSDP2/DDP; self.model stays the model
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
         if parallel is not None:
@@ -376,8 +377,9 @@ class Trainer:
             write_json_atomic(self.run_dir / "config.json", self.model_cfg.to_dict())
             write_json_atomic(self.run_dir / "train_config.json", asdict(cfg))
         self.model.train()
+        n_params = self.parallel.num_params(self.model) if self.parallel else self.model.num_params()
         self.log(
-            f"training {self.model_cfg.name}: {self.model.num_params():,} params, {cfg.steps} steps x "
+            f"training {self.model_cfg.name}: {n_params:,} params, {cfg.steps} steps x "
             f"{cfg.tokens_per_step:,} tokens, {self.precision} on {self.device}; MFU peak {self.peak / 1e9:.0f} "
             f"GFLOP/s ({self.peak_source})"
         )
