@@ -84,13 +84,18 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for both contenders (1: decode is latency-bound, and on a shared 2-core machine a "
+        "second thread mostly waits at every small matmul)",
+    )
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.batches, args.new, args.rounds = "1,4", 16, 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     import nanoseek
 
     print("bench_infer: decode tokens/s, ours vs transformers generate() (same checkpoint, fp32, greedy)")

@@ -51,13 +51,18 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--steps", type=int, default=8, help="decode steps timed per measurement")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for both contenders (1: decode is latency-bound, and on a shared 2-core machine a "
+        "second thread mostly waits at every small matmul)",
+    )
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.contexts, args.batches, args.steps, args.rounds = "64,256", "1", 3, 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     contexts = [int(c) for c in args.contexts.split(",")]
     cfg = get_preset("small").replace(
         num_hidden_layers=4, num_nextn_predict_layers=0, max_position_embeddings=max(contexts) + 64

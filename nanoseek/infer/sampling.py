@@ -127,8 +127,13 @@ def probabilities(
 
 
 def _truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Mask (to -inf) what top-k and top-p drop, with one sort for the whole batch."""
+    """Mask (to -inf) what top-k and top-p drop, with one sort for the whole batch (a top-k without top-p
+    needs only the k-th largest logit of each row)."""
     B, V = logits.shape
+    if all(p >= 1 for p in top_p):
+        k = torch.tensor([kk if 0 < kk < V else V for kk in top_k], device=logits.device)
+        kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))  # [B, 1]
+        return logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th are kept, as in HF
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(V, device=logits.device).expand(B, V)
     k = torch.tensor([kk if 0 < kk < V else V for kk in top_k], device=logits.device)
