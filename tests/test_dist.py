@@ -280,6 +280,16 @@ def test_export_writes_a_single_file_checkpoint_of_the_global_model(runs, tmp_pa
     assert tr.resume() and tr.step == 4
 
 
+def test_export_command_takes_a_run_folder(runs, tmp_path, capsys):
+    from nanoseek.cli import main
+
+    assert main(["export", "--run", str(runs["tmp"] / "ep_fsdp"), "--out", str(tmp_path / "one")]) == 0
+    assert "step_0000004" in capsys.readouterr().out
+    assert (tmp_path / "one" / "checkpoints" / "step_0000004" / "model.safetensors").exists()
+    assert main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "two")]) == 2
+    assert "no distributed checkpoint" in capsys.readouterr().err
+
+
 # ---- bad input -----------------------------------------------------------------------------------------
 def test_bad_distributed_input_raises_a_clear_error_on_every_rank(runs):
     for r in runs["ranks"]:
