@@ -58,7 +58,7 @@ def _add_run_flags(p, budgets: str, out: str) -> None:
 
 
 def _prepare(args):
-    """Family, run settings and the training-token count, with the data tokenized once up front."""
+    """Family, run settings and what the report says about the data, with the data tokenized once up front."""
     from nanoseek.scaling.family import Family
     from nanoseek.scaling.sweep import RunSettings
     from nanoseek.train.run import prepare_data
@@ -74,7 +74,14 @@ def _prepare(args):
         warmup_frac=args.warmup_frac,
         min_steps=args.min_steps,
     )
-    return family, settings, prepared.manifest["splits"]["train"]["tokens"]
+    return (
+        family,
+        settings,
+        {
+            "train_tokens": prepared.manifest["splits"]["train"]["tokens"],
+            "data_source": prepared.manifest["source"],
+        },
+    )
 
 
 def _print_plan(specs, notes) -> None:
@@ -123,13 +130,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from nanoseek.scaling.sweep import plan_isoflop, run_sweep, save_plan
 
     law = HparamLaw.load(args.hparams) if args.hparams else DEEPSEEK_HPARAMS
-    family, settings, train_tokens = _prepare(args)
+    family, settings, data_info = _prepare(args)
     center = PowerLaw(DEEPSEEK_M_OPT.coef * args.center, DEEPSEEK_M_OPT.exp)
     specs, notes = plan_isoflop(family, args.budgets, settings, args.sizes, args.span, center, law)
     _print_plan(specs, notes)
     if args.dry_run or not specs:
         return 0
-    save_plan(args.out, family, settings, law, specs, command=_command(), train_tokens=train_tokens)
+    save_plan(args.out, family, settings, law, specs, command=_command(), **data_info)
     records = run_sweep(specs, args.out, jobs=args.jobs, threads=args.threads)
     failed = [r for r in records if r["status"] == "failed"]
     if args.no_fit:
@@ -231,14 +238,12 @@ def cmd_hparams(args: argparse.Namespace) -> int:
     from nanoseek.scaling.report import write_hparams_report
     from nanoseek.scaling.sweep import run_sweep, save_plan
 
-    family, settings, train_tokens = _prepare(args)
+    family, settings, data_info = _prepare(args)
     specs, notes = plan_hparams(family, args.budgets, settings, args.lr_factors, args.batch_factors)
     _print_plan(specs, notes)
     if args.dry_run or not specs:
         return 0
-    save_plan(
-        args.out, family, settings, DEEPSEEK_HPARAMS, specs, command=_command(), train_tokens=train_tokens
-    )
+    save_plan(args.out, family, settings, DEEPSEEK_HPARAMS, specs, command=_command(), **data_info)
     records = run_sweep(specs, args.out, jobs=args.jobs, threads=args.threads)
     fit = fit_records(records, args.metric, args.band)
     path = write_hparams_report(fit, Path(args.out), args.metric, _command())

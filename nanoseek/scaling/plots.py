@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, NullFormatter  # noqa: E402
 
 from nanoseek.scaling.fit import IsoFLOPFit  # noqa: E402
 from nanoseek.scaling.hparams import HparamFit  # noqa: E402
@@ -32,12 +32,11 @@ def _colors(n: int):
 
 
 def _log(ax, y: bool = True) -> None:
-    """Log axes without minor-tick labels (they overlap on short ranges)."""
+    """Log axes; no minor-tick labels on x (they overlap there on short ranges)."""
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
     if y:
         ax.set_yscale("log")
-        ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _save(fig, path: Path) -> Path:
@@ -159,6 +158,8 @@ def plot_frontier(
             label="check run (measured)",
         )
     _log(ax)
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis(FormatStrFormatter("%.2f"))  # losses span a short range: plain numbers, not 2.4 x 10^0
     ax.set_xlabel("C: compute (FLOPs)")
     ax.set_ylabel(f"final validation {metric.replace('val_', '')}")
     ax.set_title("Loss vs compute frontier")

@@ -137,7 +137,7 @@ def _differences(a: Analysis) -> list[str]:
         "this kind of non-embedding counting at small scale. DeepSeek's M also includes attention over the "
         "sequence (12·n_layer·d·l_seq), which at our l_seq = "
         f"{fam.seq_len} is a large share of M for narrow models.",
-        f"- **Data.** {a.plan['settings'].data} ({train_tokens:,} training tokens), not a web-scale corpus: "
+        f"- **Data.** {a.plan.get('data_source', a.plan['settings'].data)} ({train_tokens:,} training tokens), not a web-scale corpus: "
         + (f"the largest D is {epochs:.1f} epochs, so " if epochs else "")
         + "repeated data and a small, homogeneous validation set change the loss surface. DeepSeek LLM Table 4 "
         "shows the exponent moving from 0.450 to 0.578 with data quality alone.",
@@ -170,7 +170,7 @@ def write_report(a: Analysis, folder: Path, command: str = "") -> Path:
         f"Sweep: `{a.plan.get('command', '')}`  ",
         f"Machine: {machine_info()}  ",
         f"Written: {time.strftime('%Y-%m-%d %H:%M')}; {len(a.runs)} finished IsoFLOP runs, {wall / 60:.1f} min of run wall "
-        f"time in all. Metric: final validation {metric} (same held-out text for every run).",
+        f"time in all. Metric: final validation {metric.replace('val_', '')} (same held-out text for every run).",
         "",
         f"Family `{fam.kind}` (aspect {fam.aspect:g}, head {fam.head_dim}, l_seq {fam.seq_len}, vocab {fam.vocab_size}); "
         f"data `{settings.data}`; seed {settings.seed}; warmup {settings.warmup_frac:.0%} of steps, multi-step LR "
