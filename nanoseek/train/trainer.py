@@ -227,32 +227,18 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        if self.parallel is not None:  # collective: each rank writes its shards (train/dist_checkpoint.py)
-            from nanoseek.train.dist_checkpoint import save_dcp
-
-            path = save_dcp(
-                self.run_dir,
-                self.step,
-                self.model,
-                self.optimizer,
-                self.parallel,
-                state=self.state(),
-                config=self.model_cfg.to_dict(),
-                tokenizer_path=self.tokenizer_path,
-                keep_last=self.cfg.keep_last,
-            )
-            self.log(f"checkpoint: {path}")
-            return path
-        path = save_checkpoint(
-            self.run_dir,
-            self.step,
-            self.model,
-            self.optimizer,
+        kw = dict(
             state=self.state(),
             config=self.model_cfg.to_dict(),
             tokenizer_path=self.tokenizer_path,
             keep_last=self.cfg.keep_last,
         )
+        if self.parallel is not None:  # collective: each rank writes its shards (train/dist_checkpoint.py)
+            from nanoseek.train.dist_checkpoint import save_dcp
+
+            path = save_dcp(self.run_dir, self.step, self.model, self.optimizer, self.parallel, **kw)
+        else:
+            path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, **kw)
         self.log(f"checkpoint: {path}")
         return path
 
