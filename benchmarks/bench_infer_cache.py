@@ -36,9 +36,10 @@ def decode_seconds(engine: Engine, batch: int, context: int, steps: int) -> floa
     """Seconds per decode step with `context` tokens already cached in each of `batch` sequences."""
     gen = torch.Generator().manual_seed(context)
     prompts = torch.randint(0, engine.model.cfg.vocab_size, (batch, context), generator=gen).tolist()
-    params = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)  # 1 from prefill + steps
     reqs = [engine.add(p, params) for p in prompts]
-    engine.step()  # prefill (all prompts in one forward)
+    while engine.waiting:  # prefill everything first (long prompts take several prefill steps)
+        engine.step()
     start = time.perf_counter()
     while not all(r.finished for r in reqs):
         engine.step()

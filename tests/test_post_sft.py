@@ -1,4 +1,4 @@
-"""SFT (nanoseek/post/sft.py): data loading, packing whole examples with assistant-only labels, resumable loader,
+"""SFT (nanoseek/post/sft.py): data loading, one-example and packed rows with assistant-only labels, resumable loader,
 and a short run on the shared trainer that starts from the init weights and learns."""
 
 import json
@@ -10,8 +10,8 @@ from post_helpers import one_thread, save_run, small_cfg, tokenizer
 from nanoseek.model import Transformer
 from nanoseek.post.chat import IGNORE
 from nanoseek.post.sft import (
-    PackedLoader,
     SFTDataError,
+    SFTLoader,
     build_sft_trainer,
     encode_all,
     load_conversations,
@@ -34,7 +34,7 @@ def _examples(n=40):
 
 def test_packing_never_splits_an_example_and_pads_with_ignored_labels():
     examples = _examples()
-    loader = PackedLoader(examples, batch_size=4, seq_len=63, seed=0, pad_id=2)
+    loader = SFTLoader(examples, batch_size=4, seq_len=63, seed=0, pad_id=2, pack=True)
     rows = loader.rows(0)
     assert sorted(len(r[0]) for r in rows)[-1] <= 64
     assert sum(len(r[0]) for r in rows) == sum(len(x) for x, _ in examples)  # every token exactly once
@@ -45,10 +45,19 @@ def test_packing_never_splits_an_example_and_pads_with_ignored_labels():
     assert x.shape == y.shape == (4, 63)
 
 
+def test_unpacked_rows_hold_one_example_each():
+    examples = _examples()
+    loader = SFTLoader(examples, batch_size=len(examples), seq_len=63, seed=0, pad_id=2)
+    assert sorted(map(tuple, (r[0] for r in loader.rows(0)))) == sorted(tuple(x) for x, _ in examples)
+    x, y = next(loader)
+    bos = tokenizer().bos_id
+    assert (x[:, 0] == bos).all() and ((x == bos).sum(1) == 1).all()
+
+
 def test_loader_targets_are_next_token_labels_and_padding_is_ignored():
     examples = _examples(1)
     (ids, labels) = examples[0]
-    loader = PackedLoader(examples, batch_size=1, seq_len=len(ids) + 5, seed=0, pad_id=2)
+    loader = SFTLoader(examples, batch_size=1, seq_len=len(ids) + 5, seed=0, pad_id=2)
     x, y = next(loader)
     n = len(ids)
     assert x[0, :n].tolist() == ids and (x[0, n:] == 2).all()
@@ -57,10 +66,10 @@ def test_loader_targets_are_next_token_labels_and_padding_is_ignored():
 
 def test_loader_resumes_where_it_stopped_and_reshuffles_each_epoch():
     examples = _examples()
-    a = PackedLoader(examples, batch_size=3, seq_len=63, seed=1)
+    a = SFTLoader(examples, batch_size=3, seq_len=63, seed=1, pack=True)
     for _ in range(5):
         next(a)
-    b = PackedLoader(examples, batch_size=3, seq_len=63, seed=1)
+    b = SFTLoader(examples, batch_size=3, seq_len=63, seed=1, pack=True)
     b.load_state_dict(a.state_dict())
     for _ in range(4):
         xa, ya = next(a)
@@ -68,7 +77,7 @@ def test_loader_resumes_where_it_stopped_and_reshuffles_each_epoch():
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert [r[0] for r in a.rows(0)] != [r[0] for r in a.rows(1)]
     with pytest.raises(SFTDataError):
-        PackedLoader(examples, 3, 31, seed=1).load_state_dict(a.state_dict())
+        SFTLoader(examples, 3, 31, seed=1).load_state_dict(a.state_dict())
 
 
 def test_load_conversations_accepts_messages_and_prompt_completion(tmp_path):

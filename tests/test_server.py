@@ -262,7 +262,10 @@ def test_a_client_disconnect_cancels_the_generation_and_frees_the_cache():
         assert resp.readline().startswith(b"data: ")  # the role chunk
         gate.set()
         wait_until(lambda: s.engine.running)  # it holds a slot and decodes ...
+        gate.clear()  # (pause the engine, so that it cannot finish before the server notices)
         conn.close()  # ... until the client goes away
+        wait_until(lambda: all(h.cancelled for h in s.runner._in_flight))
+        gate.set()
         wait_until(lambda: s.runner.outcomes["cancelled"] == 1 and not s.engine.running)
         assert s.engine.free_slots == 2 and s.engine.cache_tokens_in_use == 0
         # non-streaming: send the request and hang up without reading

@@ -37,7 +37,7 @@ def stage_config(quick: bool) -> StageConfig:
             sft_task="add:digits=2",
             rl_task="add:digits=2",
             sft_examples=400,
-            sft=dict(seq_len=64, batch_size=8, steps=10, lr=3e-3, warmup_steps=2),
+            sft=dict(seq_len=64, batch_size=16, steps=10, lr=3e-3, warmup_steps=2),
             grpo=dict(
                 steps=2, prompts_per_step=4, group_size=4, max_new_tokens=16, eval_problems=8, pass_k=2
             ),
@@ -46,7 +46,7 @@ def stage_config(quick: bool) -> StageConfig:
         sft_task="add:digits=3",
         rl_task="add:digits=3",
         sft_examples=30000,
-        sft=dict(seq_len=256, batch_size=16, steps=200, lr=3e-3, warmup_steps=20),
+        sft=dict(seq_len=256, batch_size=32, steps=400, lr=3e-3, warmup_steps=20),
         grpo=dict(
             steps=400,
             max_minutes=10.0,
