@@ -61,7 +61,8 @@ def grouped_linear(
     With fewer rows than experts (a decode step) most experts get none, but the CPU grouped kernel still visits
     every one; a loop over the non-empty ones is then about twice as fast (one decode token: 6 of 64 experts)."""
     if _grouped_mm_ok(x) and (x.shape[0] >= w.shape[0] or x.device.type != "cpu"):
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        # Under CUDA autocast x arrives in bf16 while the master weights stay fp32; cast like autocast would.
+        return torch._grouped_mm(x, w.to(x.dtype).transpose(-2, -1), offs=offs)
     parts, start = [], 0
     for e, n in enumerate(counts.tolist()):
         if n:
