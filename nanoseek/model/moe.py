@@ -136,7 +136,7 @@ class Experts(nn.Module):
         x_sorted = x.index_select(0, token)  # [T*K, d], each expert's rows contiguous
         gate_weight = weights.flatten().index_select(0, order).unsqueeze(-1).to(x.dtype)  # [T*K, 1]
         y = self.expert_ffn(x_sorted, counts, offs, gate_weight)  # [T*K, d]
-        return torch.zeros_like(x).index_add_(0, token, y)
+        return torch.zeros_like(x, dtype=y.dtype).index_add_(0, token, y)  # y is bf16 under CUDA autocast
 
     def expert_ffn(
         self, x_sorted: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor, gate_weight=None

@@ -146,7 +146,9 @@ def evaluate(model: Transformer, batches, autocast) -> float:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for x, y in batches:
+        x, y = x.to(device), y.to(device)
         with autocast():
             logits = model(x).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
@@ -186,7 +188,8 @@ class Trainer:
         self.log = log
         self.progress = progress
         self.run_dir = Path(cfg.out)
-        self.device = resolve_device(cfg.device)
+        # Under a process group the device is the rank's own (Parallel picks it with the backend).
+        self.device = parallel.device if parallel is not None else resolve_device(cfg.device)
         # fp8: the Linear GEMMs in FP8 (simulated on CPU); everything else bf16 on GPU, fp32 on CPU.
         on_gpu = self.device.type == "cuda"
         use_bf16 = cfg.precision == "bf16" or (cfg.precision in ("auto", "fp8") and on_gpu)
