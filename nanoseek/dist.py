@@ -97,6 +97,11 @@ class Parallel:
         world = int(env.get("WORLD_SIZE", "1"))
         rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
         use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+        if use_cuda and local_rank >= torch.cuda.device_count():
+            raise DistError(
+                f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s): start at most one "
+                "process per GPU (torchrun --nproc-per-node), or pass --device cpu to run on gloo"
+            )
         dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
         par = cls(rank=rank, world_size=world, local_rank=local_rank, ep=ep, dp=dp, device=dev)
         if "RANK" not in env and world == 1:

@@ -44,6 +44,7 @@ def _free_port() -> int:
 def _trainer(tmp: Path, out: str, parallel=None, batch=GLOBAL_BATCH, accum=1, **kw) -> Trainer:
     rank, world = (parallel.rank, parallel.world_size) if parallel else (0, 1)
     loader = TokenLoader(tmp / "tokens.bin", batch, SEQ, seed=0, dtype="uint16", rank=rank, world_size=world)
+    kw.setdefault("device", "cpu")  # gloo runs: the reference must not move to a GPU when one is present
     tc = TrainConfig(
         out=str(tmp / out),
         seq_len=SEQ,
@@ -117,7 +118,7 @@ def _errors(tmp: Path, rank: int) -> dict:
     out = {}
     for name, (ep, dp, model_cfg, train_cfg) in cases.items():
         try:
-            Parallel.from_env(ep=ep, dp=dp, timeout_s=60).check(model_cfg, train_cfg)
+            Parallel.from_env(device="cpu", ep=ep, dp=dp, timeout_s=60).check(model_cfg, train_cfg)
             out[name] = "no error"
         except DistError as e:
             out[name] = str(e)
@@ -138,17 +139,19 @@ def _worker(rank: int, tmp: Path, port: int) -> None:
         clock = time.perf_counter()
 
     try:
-        Parallel.from_env(timeout_s=60)  # joins the process group every run below reuses
+        Parallel.from_env(device="cpu", timeout_s=60)  # joins the process group every run below reuses
         lap("join")
         res.update(_round_trips(rank))
         lap("round_trips")
         for name, ep, dp, batch, accum in [("dp_ddp_accum", 1, "ddp", 1, 2), ("dp_fsdp", 1, "fsdp", 2, 1)]:
-            tr = _trainer(tmp, name, Parallel.from_env(ep=ep, dp=dp, timeout_s=60), batch, accum)
+            tr = _trainer(
+                tmp, name, Parallel.from_env(device="cpu", ep=ep, dp=dp, timeout_s=60), batch, accum
+            )
             res[name] = _train(tr)
             res[f"{name}_bias"] = _biases(tr.model)
             lap(name)
         # expert parallel through the real loop: metrics.jsonl, DCP checkpoints at steps 2 and 4
-        tr = _trainer(tmp, "ep_fsdp", Parallel.from_env(ep=2, dp="fsdp", timeout_s=60), 2)
+        tr = _trainer(tmp, "ep_fsdp", Parallel.from_env(device="cpu", ep=2, dp="fsdp", timeout_s=60), 2)
         tr.fit()
         res["ep_fsdp_bias"] = _biases(tr.model)
         full = {
@@ -157,7 +160,7 @@ def _worker(rank: int, tmp: Path, port: int) -> None:
         torch.save(full, tmp / f"ep_fsdp_rank{rank}.pt")  # experts: this rank's slice; the rest: whole
         lap("ep_fsdp")
         # 1 -> 2: resume the single-process DCP checkpoint (step 2) with EP over DDP
-        tr = _trainer(tmp, "one_to_two", Parallel.from_env(ep=2, dp="ddp", timeout_s=60), 2)
+        tr = _trainer(tmp, "one_to_two", Parallel.from_env(device="cpu", ep=2, dp="ddp", timeout_s=60), 2)
         res["one_to_two_resumed"] = tr.resume()
         res["one_to_two"] = _train(tr)
         res["one_to_two_bias"] = _biases(tr.model)
@@ -319,7 +322,7 @@ def test_missing_rendezvous_times_out_with_a_clear_error(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     t0 = time.perf_counter()
     with pytest.raises(DistError, match="rendezvous failed on rank 0 of 2"):
-        Parallel.from_env(timeout_s=1)
+        Parallel.from_env(device="cpu", timeout_s=1)
     assert time.perf_counter() - t0 < 30
 
 
@@ -329,7 +332,7 @@ def test_world_size_without_a_rendezvous_address_is_refused(monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)
     with pytest.raises(DistError, match="launch with torchrun"):
-        Parallel.from_env()
+        Parallel.from_env(device="cpu")
 
 
 # ---- slow: torchrun end to end, elastic restart, expert replicas -------------------------------------------
@@ -411,6 +414,8 @@ def _replica_worker(rank: int, tmp: Path, port: int) -> None:
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="4", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     for dp in ("fsdp", "ddp"):
-        losses = _train(_trainer(tmp, f"ep2x2_{dp}", Parallel.from_env(ep=2, dp=dp, timeout_s=120), batch=1))
+        losses = _train(
+            _trainer(tmp, f"ep2x2_{dp}", Parallel.from_env(device="cpu", ep=2, dp=dp, timeout_s=120), batch=1)
+        )
         if rank == 0:
             (tmp / f"ep2x2_{dp}.json").write_text(json.dumps(losses))

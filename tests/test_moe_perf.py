@@ -33,7 +33,7 @@ def _run(ex, fn, x0, idx, w0, grad_out):
 @pytest.mark.parametrize("used_experts", [16, 3], ids=["all_experts", "most_experts_empty"])
 def test_experts_equal_naive_per_token_sum_forward_and_gradients(grouped_kernel, used_experts, monkeypatch):
     if not grouped_kernel:
-        monkeypatch.setattr(moe_module, "_grouped_mm_ok", lambda x: False)
+        monkeypatch.setattr(moe_module, "_grouped_mm_ok", lambda x, w: False)
     torch.manual_seed(0)
     T, K, d, inter, E = 37, 3, 16, 8, 16
     ex = Experts(E, d, inter)

@@ -75,10 +75,11 @@ def test_training_logs_metrics_evals_and_checkpoints(tiny_cfg, tmp_path):
 
 
 def test_resume_is_bit_identical(tiny_cfg, tmp_path):
-    _trainer(tiny_cfg, tmp_path / "a").fit()
-    interrupted = _trainer(tiny_cfg, tmp_path / "b").fit(stop_at=4)
+    # On CPU. CUDA's index_add_ (the MoE scatter) accumulates with atomics, so GPU runs agree only to rounding.
+    _trainer(tiny_cfg, tmp_path / "a", device="cpu").fit()
+    interrupted = _trainer(tiny_cfg, tmp_path / "b", device="cpu").fit(stop_at=4)
     assert interrupted["status"] == "interrupted"
-    resumed = _trainer(tiny_cfg, tmp_path / "b")
+    resumed = _trainer(tiny_cfg, tmp_path / "b", device="cpu")
     assert resumed.resume() and resumed.step == 4
     resumed.fit()
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
