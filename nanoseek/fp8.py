@@ -221,6 +221,11 @@ def _scaled_mm_cuda(a_q, a_s, b_q, b_s, b_block: int, out_dtype: torch.dtype) ->
     )
 
 
+_CUBLAS_UNSUPPORTED: set[tuple[int, int, int]] = (
+    set()
+)  # (K, N, b_block) cuBLAS refused: simulated from then on
+
+
 def fp8_mm(
     a_q: torch.Tensor,
     a_s: torch.Tensor,
@@ -233,8 +238,16 @@ def fp8_mm(
 
     A real FP8 GEMM where cuBLAS supports the layout, else the simulation: dequantize both, one fp32 matmul.
     """
-    if _cuda_blockwise_ok(a_q, b_q):
-        return _scaled_mm_cuda(a_q, a_s, b_q, b_s, b_block, out_dtype)
+    key = (a_q.shape[1], b_q.shape[0], b_block)
+    if _cuda_blockwise_ok(a_q, b_q) and key not in _CUBLAS_UNSUPPORTED:
+        try:
+            return _scaled_mm_cuda(a_q, a_s, b_q, b_s, b_block, out_dtype)
+        except RuntimeError as err:  # e.g. CUBLAS_STATUS_NOT_SUPPORTED for K = 128 on torch 2.11 / CUDA 13.0
+            if "CUBLAS_STATUS_NOT_SUPPORTED" not in str(err):
+                raise
+            _CUBLAS_UNSUPPORTED.add(
+                key
+            )  # a status code, not a fault: the context is fine; simulate this shape
     a = dequantize_tiles(a_q, a_s)
     b = dequantize_tiles(b_q, b_s) if b_block == 1 else dequantize_blocks(b_q, b_s)
     with torch.autocast(a.device.type, enabled=False):  # the simulation's accumulator is fp32, always
