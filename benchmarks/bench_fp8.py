@@ -143,7 +143,9 @@ def _gpu_gemm_row(M: int, K: int, N: int, iters: int) -> str:
     bf16 = tflops / _cuda_time(lambda: x @ w.t(), iters)
     gemm = tflops / _cuda_time(lambda: fp8_mm(x_q, x_s, w_q, w_s, BLOCK, torch.bfloat16), iters)
     full = tflops / _cuda_time(lambda: fp8_mm(*quantize_tiles(x), w_q, w_s, BLOCK, torch.bfloat16), iters)
-    fused = tflops / _cuda_time(lambda: fp8_mm(*_compiled_quantize(x), w_q, w_s, BLOCK, torch.bfloat16), iters)
+    fused = tflops / _cuda_time(
+        lambda: fp8_mm(*_compiled_quantize(x), w_q, w_s, BLOCK, torch.bfloat16), iters
+    )
     path = "scaled_mm" if _cuda_blockwise_ok(x_q, w_q) else "simulated"
     return f"| {M} x {K} x {N} | {bf16:.0f} | {gemm:.0f} | {full:.0f} | {fused:.0f} | {path} |"
 
