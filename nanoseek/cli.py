@@ -102,7 +102,8 @@ def add_inspect_parser(sub) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from nanoseek.accounting import format_report, format_table, inspect_report
+    from nanoseek.accounting import inspect_report
+    from nanoseek.inspect_format import format_report, format_table
 
     if args.all:
         configs = [get_preset(name) for name in PRESETS]

@@ -17,8 +17,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from nanoseek.accounting import format_report, inspect_report  # noqa: E402
+from nanoseek.accounting import inspect_report  # noqa: E402
 from nanoseek.config import ModelConfig  # noqa: E402
+from nanoseek.inspect_format import format_report  # noqa: E402
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
