@@ -16,6 +16,10 @@ OUT=${OUT:-runs/r1_distill}
 TEACHER=${TEACHER:-runs/speedrun/grpo}
 TASK=${TASK:-add:digits=3}
 NS=${NS:-.venv/bin/nanoseek}
+PROBLEMS=${PROBLEMS:-2000}   # teacher problems for rejection sampling
+K=${K:-4}                    # teacher samples per problem
+EPOCHS=${EPOCHS:-2}          # student passes over the kept traces
+ARM=${ARM:-}                 # suffix for the two arms' folders (rerun them at another size, same student)
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
 [ -d "$TEACHER" ] || { echo "no teacher at $TEACHER: run 'make run' first (or set TEACHER=)" >&2; exit 2; }
@@ -37,12 +41,12 @@ echo "== student base: pretrain, then SFT cold start"
 
 echo "== arm 1: distillation from $TEACHER"
 t0=$(date +%s)
-$NS distill --teacher "$TEACHER" --task "$TASK" --student-init "$OUT/sft" --problems 2000 \
-  --samples-per-problem 4 --epochs 2 --lr 1e-3 --eval-problems 200 --pass-k 8 --out "$OUT/distill" --no-progress \
-  | tail -1 | tee "$OUT/distill.json"
+$NS distill --teacher "$TEACHER" --task "$TASK" --student-init "$OUT/sft" --problems "$PROBLEMS" \
+  --samples-per-problem "$K" --epochs "$EPOCHS" --lr 1e-3 --eval-problems 200 --pass-k 8 --out "$OUT/distill$ARM" \
+  --no-progress | tail -1 | tee "$OUT/distill$ARM.json"
 minutes=$(( ($(date +%s) - t0 + 59) / 60 ))
 
 echo "== arm 2: GRPO on the student for the same $minutes min"
 $NS grpo --init "$OUT/sft" --task "$TASK" --steps 100000 --max-minutes "$minutes" --prompts-per-step 8 \
   --group-size 8 --max-new-tokens 64 --lr 1e-4 --eval-every 100000 --eval-problems 200 --pass-k 8 \
-  --out "$OUT/grpo" --no-progress | tail -3 | tee "$OUT/grpo.txt"
+  --out "$OUT/grpo$ARM" --no-progress | tail -3 | tee "$OUT/grpo$ARM.txt"

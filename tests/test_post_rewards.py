@@ -8,6 +8,7 @@ from nanoseek.post.rewards import (
     RewardError,
     RewardSet,
     accuracy_reward,
+    digits_reward,
     format_reward,
     load_reward,
     parse_reward_spec,
@@ -130,3 +131,18 @@ def test_garbage_return_values_count_as_failures_and_none_as_not_applicable():
 
     res = RewardSet([("short", wrong_length, 1.0)])(["q"] * 2, ["a", "b"], [{}] * 2)
     assert res.total == [0.0, 0.0] and res.failures == {"short": 2}
+
+
+def test_digits_reward_gives_partial_credit_by_place_and_charges_wrong_lengths():
+    def wrap(a):
+        return f"<think>x</think><answer>{a}</answer>"
+
+    got = digits_reward(
+        ["q"] * 7,
+        [wrap("47"), wrap("97"), wrap("147"), wrap("7"), wrap("-47"), "no answer", wrap("forty")],
+        answer=["47"] * 7,
+    )
+    assert got == [1.0, 0.5, 2 / 3, 0.5, 0.0, 0.0, 0.0]
+    # not applicable (None, not a failure) where the answer is not an integer, e.g. a countdown expression
+    assert digits_reward(["q"], [wrap("1+2")], answer=["(1+2)*3"]) == [None]
+    assert digits_reward(["q"], [wrap("-12")], answer=["-12"]) == [1.0]

@@ -3,6 +3,7 @@
 Built-ins:
 - `accuracy`: 1.0 iff the completion holds exactly one `<answer>...</answer>` and the task's checker accepts its
   text (tasks/__init__.py); else 0.0. Several answer blocks score 0, so listing candidates is never rewarded.
+- `digits`: partial credit for integer answers, the share of matching digit places (see digits_reward).
 - `format`: 1.0 iff the completion is exactly `<think>...</think><answer>...</answer>` (whitespace allowed between
   and around the blocks, none of the four tags repeated or nested); else 0.0. This is stricter than TRL's
   `think_format_reward` (which checks only the think block): it also closes the repeated-`</answer>` hole
@@ -67,7 +68,33 @@ def accuracy_reward(
     return out
 
 
-BUILTIN: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward}
+def digits_reward(
+    prompts: Sequence[str], completions: Sequence[str], answer: Sequence[str], **fields
+) -> list[float | None]:
+    """Partial credit for integer answers: the share of digit places (aligned from the units) that match.
+
+    `(#places where the given and expected digits agree) / (the longer length)`, so a wrong length costs, and a
+    sign mismatch scores 0. Not in R1, whose rewards are all-or-nothing; it exists because a tiny policy on
+    multi-digit arithmetic samples few fully correct answers, so most GRPO groups are all-zero under `accuracy`
+    and carry no gradient (docs/post_training.md). None (not applicable) where the expected answer is not an
+    integer, e.g. countdown's expressions.
+    """
+    out: list[float | None] = []
+    for completion, expected in zip(completions, answer):
+        expected = str(expected).strip()
+        if not re.fullmatch(r"-?\d+", expected):
+            out.append(None)
+            continue
+        given = (extract_answer(completion) or "").strip().replace(",", "")
+        if not re.fullmatch(r"-?\d+", given) or given.startswith("-") != expected.startswith("-"):
+            out.append(0.0)
+            continue
+        g, e = given.lstrip("-")[::-1], expected.lstrip("-")[::-1]
+        out.append(sum(a == b for a, b in zip(g, e)) / max(len(g), len(e)))
+    return out
+
+
+BUILTIN: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward, "digits": digits_reward}
 
 
 # ---- loading ------------------------------------------------------------------------------------------------
