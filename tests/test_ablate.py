@@ -54,3 +54,11 @@ def test_ablation_end_to_end_reuses_the_shared_base_run(tmp_path, monkeypatch):
     assert res["balancing"][0]["max_vio_global"] is not None
     doc = (tmp_path / "doc.md").read_text()
     assert "## mtp" in doc and "## balancing" in doc and (tmp_path / "img" / "ablation_mtp.png").exists()
+    # Hand-written findings under a group's marker survive regenerating the doc (all runs reused, no training).
+    doc_path = tmp_path / "doc.md"
+    doc_path.write_text(doc.replace("<!-- findings:mtp -->", "<!-- findings:mtp -->\nMTP helps here.", 1))
+    ablate(base, tcfg, prepared, ["mtp", "balancing"], str(tmp_path / "runs"), doc_path, "x", log=logs.append)
+    regenerated = doc_path.read_text()
+    assert regenerated.index("<!-- findings:mtp -->") < regenerated.index("MTP helps here.")
+    assert regenerated.count("MTP helps here.") == 1
+    assert regenerated.index("MTP helps here.") < regenerated.index("## balancing")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,7 @@ def write_doc(
     path: Path,
     data_desc: str,
 ) -> None:
+    findings = _findings(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img_dir = path.parent / "img"
     img_dir.mkdir(exist_ok=True)
@@ -175,6 +177,7 @@ def write_doc(
         "compare directly); bpb = bits per UTF-8 byte.",
         "",
     ]
+    lines += ["<!-- findings:intro -->", ""] + ([findings["intro"], ""] if "intro" in findings else [])
     for group, recs in results.items():
         lines += [f"## {group}", ""]
         lines += [
@@ -210,7 +213,20 @@ def write_doc(
         fig.savefig(img, dpi=100)
         plt.close(fig)
         lines += ["", f"![{group}](img/{img.name})", "", "<!-- findings:" + group + " -->", ""]
+        lines += [findings[group], ""] if group in findings else []
     path.write_text("\n".join(lines))
+
+
+def _findings(path: Path) -> dict[str, str]:
+    """The hand-written text after each `<!-- findings:GROUP -->` marker of an existing doc (up to the next `## `
+    heading), so regenerating the tables keeps what people wrote about them."""
+    if not path.exists():
+        return {}
+    out = {}
+    for m in re.finditer(r"<!-- findings:(\w+) -->\n(.*?)(?=\n## |\Z)", path.read_text(), re.DOTALL):
+        if m.group(2).strip():
+            out[m.group(1)] = m.group(2).strip()
+    return out
 
 
 def ablate(
