@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from benchmarks.common import print_machine_info, time_interleaved  # noqa: E402
+from benchmarks.common import add_decode_threads_arg, print_machine_info, time_interleaved  # noqa: E402
 from nanoseek.config import get_preset, to_hf_dict  # noqa: E402
 from nanoseek.infer import Engine, SamplingParams  # noqa: E402
 
@@ -84,13 +84,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads for both contenders (1: decode is latency-bound, and on a shared 2-core machine a "
-        "second thread mostly waits at every small matmul)",
-    )
+    add_decode_threads_arg(ap)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:

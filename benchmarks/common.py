@@ -72,3 +72,14 @@ def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, iters: i
             fn()
             times[name].append(time.perf_counter() - t)
     return times
+
+
+def add_decode_threads_arg(ap) -> None:
+    """`--threads` for the decode benchmarks: one thread by default, for both contenders."""
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for both contenders (1: decode is latency-bound, and on a shared 2-core machine a "
+        "second thread mostly waits at every small matmul)",
+    )
