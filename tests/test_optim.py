@@ -35,6 +35,23 @@ def test_weight_decay_on_matrices_only(tiny_cfg):
     # the routing bias is a buffer: never seen by the optimizer
     bias = model.moe_layers()[0].gate.e_score_bias
     assert not any(p is bias for g in opt.param_groups for p in g["params"])
+    assert opt.defaults["fused"]  # plain (unsharded) tensors: the one-kernel AdamW
+
+
+def test_fused_adamw_matches_foreach(tiny_cfg):
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg, seed=0)
+    twin = Transformer(tiny_cfg, seed=0)
+    fused, ref = make_optimizer(model, 1e-2), make_optimizer(twin, 1e-2)
+    ref = torch.optim.AdamW(ref.param_groups, lr=1e-2, betas=(0.9, 0.95), foreach=True)
+    for _ in range(3):
+        for m in (model, twin):
+            for p in m.parameters():
+                p.grad = torch.ones_like(p) * 0.1 + p.detach() * 0.5  # same deterministic gradient for both
+        fused.step()
+        ref.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_deepseek_llm_hyperparameter_law():

@@ -107,8 +107,8 @@ def test_transient_nan_skips_one_update(tiny_cfg, tmp_path, monkeypatch):
     real = t.forward
     calls = {"n": 0}
 
-    def flaky(x, targets=None):
-        out = real(x, targets=targets)
+    def flaky(x, targets=None, **kw):
+        out = real(x, targets=targets, **kw)
         calls["n"] += 1
         if calls["n"] == 2:
             out.loss = out.loss * float("nan")

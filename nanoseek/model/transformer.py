@@ -19,6 +19,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import GQA, KVCache
+from nanoseek.model.head_loss import linear_cross_entropy
 from nanoseek.model.layers import MLP, RMSNorm
 from nanoseek.model.mla import MLA, LatentCache
 from nanoseek.model.moe import Experts, MoE
@@ -49,7 +50,7 @@ class Block(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V]; None from the fused-loss path (forward(..., logits=False))
     loss: torch.Tensor | None = None  # total training loss
     lm_loss: torch.Tensor | None = None  # main next-token loss
     mtp_loss: torch.Tensor | None = None  # lambda/D sum_k L^k
@@ -101,7 +102,13 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: list | None = None,
         absorb: bool | None = None,
+        logits: bool = True,
     ) -> ModelOutput:
+        """Logits (and with `targets`, the losses) for input_ids [B, T].
+
+        logits=False (with targets) computes the head and cross-entropy fused and chunked (head_loss.py): the
+        trainer's path, faster on CPU and without the [B, T, V] logits; out.logits / out.mtp_logits stay empty.
+        Under autocast (bf16 on GPU) the plain head is used either way."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -112,13 +119,13 @@ class Transformer(nn.Module):
             x, aux = layer(x, cos, sin, positions, None if cache is None else cache[i], absorb)
             balance = balance + aux
         h = self.norm(x)
-        logits = self.head(h)
-        out = ModelOutput(logits=logits, hidden=h)
+        fused = targets is not None and not logits and self._fused_head_ok(h)
+        out = ModelOutput(logits=None if fused else self.head(h), hidden=h)
         if targets is None:
             return out
 
-        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        mtp_loss = logits.new_zeros((), dtype=torch.float32)
+        lm_loss = self._loss(h, out.logits, targets)
+        mtp_loss = h.new_zeros((), dtype=torch.float32)
         h_prev, D = h, len(self.mtp)
         for k, module in enumerate(self.mtp, start=1):
             if T - k <= 0:
@@ -126,16 +133,28 @@ class Transformer(nn.Module):
             emb_next = self.embed(input_ids[:, k:])  # Emb(t_{i+k}) for i = 0..T-1-k
             h_prev, aux = module(h_prev[:, : T - k], emb_next, cos[:, : T - k], sin[:, : T - k])
             balance = balance + aux
-            mtp_logits = self.head(module.norm(h_prev))
-            out.mtp_logits.append(mtp_logits)
-            mtp_loss = mtp_loss + F.cross_entropy(
-                mtp_logits.flatten(0, 1).float(), targets[:, k:].flatten(), ignore_index=-100
-            )
+            h_k = module.norm(h_prev)
+            mtp_logits = None if fused else self.head(h_k)
+            if mtp_logits is not None:
+                out.mtp_logits.append(mtp_logits)
+            mtp_loss = mtp_loss + self._loss(h_k, mtp_logits, targets[:, k:])
         if D:
             mtp_loss = mtp_loss * (self.cfg.mtp_lambda / D)
         out.lm_loss, out.mtp_loss, out.balance_loss = lm_loss, mtp_loss, balance
         out.loss = lm_loss + mtp_loss + balance
         return out
+
+    def _fused_head_ok(self, h: torch.Tensor) -> bool:
+        return (
+            type(self.head) is nn.Linear
+            and self.head.bias is None
+            and not torch.is_autocast_enabled(h.device.type)
+        )
+
+    def _loss(self, h: torch.Tensor, logits: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+        if logits is None:
+            return linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.flatten())
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def moe_layers(self) -> list[MoE]:

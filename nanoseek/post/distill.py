@@ -103,8 +103,8 @@ class LogitDistillation(nn.Module):
         self.student, self.weight, self.tau = student, weight, tau
         self.teacher = [teacher.eval().requires_grad_(False)]  # a list: not a submodule, never trained/saved
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor):
-        out = self.student(x, targets=targets)
+    def forward(self, x: torch.Tensor, targets: torch.Tensor, logits: bool = True):  # noqa: ARG002
+        out = self.student(x, targets=targets)  # the KL needs the logits: never the fused loss path
         trained = targets != IGNORE  # [B, T]
         with torch.no_grad():
             teacher_logits = self.teacher[0](x).logits[trained]

@@ -22,6 +22,14 @@ from torch import nn
 SCHEDULES = ("multistep", "cosine", "wsd")
 
 
+def _is_dtensor(p: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(p, DTensor)
+
+
 def make_optimizer(
     model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8
 ):
@@ -34,8 +42,12 @@ def make_optimizer(
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # foreach: one fused kernel per group on CPU too; fused=True is GPU-only in the torch versions we support.
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    # fused=True: one kernel for all parameters, on CPU too (torch >= 2.4). On the 2-core CPU it makes the step
+    # of the 4-layer `small` model 6x faster than foreach (15 vs 91 ms, ~7% of a training step). Sharded
+    # (DTensor) parameters from FSDP2 keep the foreach path, which every torch we support handles for them.
+    sharded = any(_is_dtensor(p) for g in groups for p in g["params"])
+    kind = dict(foreach=True) if sharded else dict(fused=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kind)
 
 
 def lr_multiplier(

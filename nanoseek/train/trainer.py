@@ -291,7 +291,8 @@ class Trainer:
             last = i == cfg.grad_accum - 1
             with self.parallel.gradient_sync(self.forward, last) if self.parallel else nullcontext():
                 with self.autocast():
-                    out = self.forward(x, targets=y)
+                    # logits=False: the fused chunked head + cross-entropy (model/head_loss.py); no [B, T, V].
+                    out = self.forward(x, targets=y, logits=False)
                 (out.loss / cfg.grad_accum).backward()
             for k in parts:
                 parts[k] += getattr(out, k).item() / cfg.grad_accum
