@@ -2,7 +2,9 @@
 
 Issue 3 §6. Both sides run one full optimizer step (forward with loss, backward, AdamW step, zero_grad) in fp32
 on the CPU, timed in interleaved rounds, on the same weights (ours saved with `save_hf`, loaded by transformers)
-and the same token batch. Defaults are transformers' own: `grouped_mm` experts, `sdpa` attention. MTP is off on
+and the same token batch. Defaults are transformers' own: `grouped_mm` experts, `sdpa` attention, fused AdamW (its
+Trainer's default for torch >= 2.8; ours uses it too). Ours runs the trainer's path: the fused chunked head +
+cross-entropy (nanoseek/model/head_loss.py). MTP is off on
 our side (transformers has no MTP training path), our aux-loss-free balancing stays on (its cost is ours to pay).
 
 Model FLOPs per token count every matmul of the step (`accounting.count_flops(...).full`, attention over the
@@ -34,7 +36,7 @@ from nanoseek.train.optim import make_optimizer  # noqa: E402
 
 def ours_step(model, opt, x, y):
     def step():
-        out = model(x, targets=y)
+        out = model(x, targets=y, logits=False)  # the trainer's path: fused chunked head + cross-entropy
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -68,7 +70,8 @@ def bench(name: str, cfg, batch: int, seq: int, warmup: int, iters: int, with_hf
         with tempfile.TemporaryDirectory() as tmp:
             save_hf(ours, tmp)
             hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).train()
-        hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        # fused=True: transformers' own default optimizer for torch >= 2.8 ("adamw_torch_fused"), and ours.
+        hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
         fns["transformers"] = hf_step(hf, hf_opt, x, x)  # HF labels = inputs (it shifts internally)
     times = time_interleaved(fns, warmup, iters)
     flops_tok = count_flops(cfg, seq).full

@@ -4,7 +4,9 @@ The CPU machines these run on are shared and drift by +-30% between (and within)
 - the matmul peak that MFU figures divide by is measured in the same process, before and after the timings;
 - the contenders of one comparison are timed in interleaved rounds (A B C, A B C, ...), so a slow spell hits all
   of them, and both the median and the best round are reported (noise only ever adds time);
-- the 1-minute load average is printed, because other jobs on the machine are the largest source of noise.
+- the 1-minute load average is printed, because other jobs on the machine are the largest source of noise;
+- the allocator is tuned as the `nanoseek` CLI tunes it (hardware.tune_allocator) for every contender in the
+  process alike, so a comparison measures the models, not glibc's page faults.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from nanoseek.hardware import tune_allocator
+
+ALLOCATOR = tune_allocator()
 
 
 def cpu_model() -> str:
@@ -37,6 +43,7 @@ def machine_info() -> dict[str, str]:
         "torch threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "allocator": ALLOCATOR,
         "load avg (1 min) at start": f"{load:.2f}",
     }
 
