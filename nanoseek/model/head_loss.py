@@ -38,14 +38,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for a in range(0, h.shape[0], chunk):
             h_c, y_c, v_c = h[a : a + chunk], safe[a : a + chunk], valid[a : a + chunk]
             logits = h_c @ weight.t()  # [c, V]
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, y_c.unsqueeze(1)).squeeze(1)
-            total += ((lse - picked) * v_c).sum()
+            picked = logits.gather(1, y_c.unsqueeze(1))  # [c, 1]
+            # logsumexp by hand, in place: one exp pass over the block serves both the loss and the softmax.
+            m = logits.amax(dim=-1, keepdim=True)
+            e = logits.sub_(m).exp_()
+            s = e.sum(dim=-1, keepdim=True)
+            lse = m + s.log()
+            total += ((lse - picked).squeeze(1) * v_c).sum()
             if need_h or need_w:
-                # logits becomes dL/dlogits in place: softmax, minus the one-hot target, masked, over n.
-                p = logits.sub_(lse.unsqueeze(1)).exp_()
-                p.scatter_add_(1, y_c.unsqueeze(1), p.new_full((p.shape[0], 1), -1.0))
-                p.mul_((v_c.to(p.dtype) * inv_n).unsqueeze(1))
+                # e becomes dL/dlogits in place: softmax (e / s) minus the one-hot target, masked, over n.
+                scale = v_c.to(e.dtype).unsqueeze(1) * inv_n
+                p = e.mul_(scale / s)
+                p.scatter_add_(1, y_c.unsqueeze(1), -scale)
                 if need_h:
                     torch.mm(p, weight, out=grad_h[a : a + chunk])
                 if need_w:
