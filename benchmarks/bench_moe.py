@@ -1,7 +1,8 @@
-"""MoE layer forward+backward on CPU: our grouped-GEMM experts against a per-expert loop and against transformers.
+"""MoE layer forward+backward: our grouped-GEMM experts against a per-expert loop and against transformers.
 
-    python benchmarks/bench_moe.py            # `small` preset, 1024 and 4096 tokens (~1 min)
-    python benchmarks/bench_moe.py --quick    # smoke run (seconds)
+    python benchmarks/bench_moe.py                  # CPU, fp32, `small` preset, 1024 and 4096 tokens (~1 min)
+    python benchmarks/bench_moe.py --quick          # smoke run (seconds)
+    python benchmarks/bench_moe.py --device cuda    # GPU, bf16 weights and activations (Hopper: grouped GEMM)
 
 Contenders, all with the same weights and the same routing (one layer: router + 64 routed + 2 shared experts):
   ours             nanoseek.model.moe.MoE in training mode: tokens sorted by expert once, one grouped GEMM per
@@ -17,6 +18,8 @@ Contenders, all with the same weights and the same routing (one layer: router + 
 Before timing, every contender's output and gradients (input and all weights) are checked against ours.
 Timing: interleaved rounds (one call of each contender per round), median and best round; see common.py.
 FLOPs counted: the GEMMs of the routed experts, the shared experts and the router, backward = 2x forward.
+On CUDA everything is bf16 (the grouped GEMM is bf16-only); the agreement check is then a relative error (bf16
+rounding differs between implementations), timings synchronize the device, and the peak is a measured bf16 matmul.
 """
 
 from __future__ import annotations
@@ -36,15 +39,17 @@ from benchmarks.common import matmul_gflops, print_machine_info, time_interleave
 from nanoseek.config import ModelConfig, get_preset  # noqa: E402
 from nanoseek.model.moe import MoE  # noqa: E402
 
+DEVICE, DTYPE = torch.device("cpu"), torch.float32  # set by main(--device)
+
 
 def build_ours(cfg: ModelConfig, seed: int = 0) -> MoE:
     torch.manual_seed(seed)
-    moe = MoE(cfg).train()
+    moe = MoE(cfg).train().to(DEVICE)
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0.0, 0.02)
         moe.gate.e_score_bias.normal_(0.0, 1e-3)  # a trained-looking bias, so it takes part in the routing
-    return moe
+    return moe.to(DTYPE) if DTYPE != torch.float32 else moe
 
 
 def loop_forward(moe: MoE, x_TD: torch.Tensor) -> torch.Tensor:
@@ -58,7 +63,7 @@ def loop_forward(moe: MoE, x_TD: torch.Tensor) -> torch.Tensor:
             continue
         x_e = x_TD[token]
         h = F.silu(x_e @ ex.w1[e].t()) * (x_e @ ex.w3[e].t())
-        out_TD.index_add_(0, token, (h @ ex.w2[e].t()) * weights_TK[token, slot, None])
+        out_TD.index_add_(0, token, (h @ ex.w2[e].t()) * weights_TK[token, slot, None].to(x_e.dtype))
     return out_TD + moe.shared_experts(x_TD)
 
 
@@ -79,7 +84,7 @@ def build_hf(cfg: ModelConfig, ours: MoE, experts_implementation: str):
         hidden_act="silu",
         experts_implementation=experts_implementation,
     )
-    hf = DeepseekV3MoE(hf_cfg).train()
+    hf = DeepseekV3MoE(hf_cfg).train().to(DEVICE)
     assert hf.experts.config._experts_implementation == experts_implementation
     with torch.no_grad():
         hf.gate.weight.copy_(ours.gate.weight)
@@ -89,6 +94,10 @@ def build_hf(cfg: ModelConfig, ours: MoE, experts_implementation: str):
         hf.shared_experts.gate_proj.weight.copy_(ours.shared_experts.w1.weight)
         hf.shared_experts.up_proj.weight.copy_(ours.shared_experts.w3.weight)
         hf.shared_experts.down_proj.weight.copy_(ours.shared_experts.w2.weight)
+    if DTYPE != torch.float32:
+        bias = hf.gate.e_score_correction_bias.data.clone()  # the routing bias stays fp32, as in ours
+        hf.to(DTYPE)
+        hf.gate.e_score_correction_bias.data = bias
     return hf
 
 
@@ -133,7 +142,7 @@ def bench_size(cfg: ModelConfig, batch: int, seq: int, warmup: int, iters: int, 
             forwards[f"hf {impl}"] = lambda x, hf=hf: (hf(x), None)
 
     torch.manual_seed(1)
-    x0 = torch.randn(batch, seq, cfg.hidden_size)
+    x0 = torch.randn(batch, seq, cfg.hidden_size).to(DEVICE, DTYPE)
     grad_out = torch.randn_like(x0)
 
     def step(name: str, with_aux: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,6 +153,8 @@ def bench_size(cfg: ModelConfig, batch: int, seq: int, warmup: int, iters: int, 
         if with_aux and aux is not None:
             loss = loss + aux
         loss.backward()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
         return out.detach(), x.grad
 
     # Same outputs and gradients (ours without its balance loss, which the others do not have).
@@ -151,19 +162,32 @@ def bench_size(cfg: ModelConfig, batch: int, seq: int, warmup: int, iters: int, 
     ref_grads = {n: g.clone() for n, g in grads_in_our_layout("ours", ours).items()}
     for name in forwards:
         out, dx = step(name, with_aux=False)
-        torch.testing.assert_close(
-            out, ref_out, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n} output: {m}"
-        )
-        torch.testing.assert_close(
-            dx, ref_dx, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n} input grad: {m}"
-        )
-        for pname, g in grads_in_our_layout(name, modules[name]).items():
-            torch.testing.assert_close(
-                g, ref_grads[pname], rtol=1e-4, atol=1e-5, msg=lambda m, n=name, p=pname: f"{n} {p} grad: {m}"
-            )
+        pairs = [("output", out, ref_out), ("input grad", dx, ref_dx)]
+        pairs += [(f"{p} grad", g, ref_grads[p]) for p, g in grads_in_our_layout(name, modules[name]).items()]
+        for what, got, want in pairs:
+            if DTYPE == torch.float32:
+                torch.testing.assert_close(
+                    got, want, rtol=1e-4, atol=1e-5, msg=lambda m, n=name, w=what: f"{n} {w}: {m}"
+                )
+            else:
+                rel = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
+                assert rel < 3e-2, f"{name} {what}: relative error {rel:.3g} (bf16)"
 
     times = time_interleaved({name: lambda n=name: step(n) for name in forwards}, warmup, iters)
     return {n: statistics.median(t) for n, t in times.items()}, {n: min(t) for n, t in times.items()}
+
+
+def cuda_matmul_gflops(n: int, reps: int = 20) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    a @ a
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ a
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e9
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,7 +201,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers contenders")
     parser.add_argument("--quick", action="store_true", help="smoke run: one tiny size, 1 warm-up + 2 rounds")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: bf16 on the GPU")
     args = parser.parse_args(argv)
+    global DEVICE, DTYPE
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is visible")
+        DEVICE, DTYPE = torch.device("cuda"), torch.bfloat16
     if args.quick:
         args.sizes, args.iters, args.warmup = "2x64", 2, 1
     torch.set_num_threads(args.threads)
@@ -193,15 +223,23 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"MoE layer forward+backward, preset {cfg.name!r}: d={cfg.hidden_size}, {cfg.n_routed_experts} routed "
         f"experts top-{cfg.num_experts_per_tok} (I={cfg.moe_intermediate_size}), {cfg.n_shared_experts} shared, "
-        f"groups {cfg.n_group}/keep {cfg.topk_group}, fp32"
+        f"groups {cfg.n_group}/keep {cfg.topk_group}, {'bf16 on ' + torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'fp32'}"
     )
     print_machine_info()
     if with_hf:
         print(f"  {'transformers':26s} {transformers.__version__}")
     seconds = 0.1 if args.quick else 1.0
-    start_peak = matmul_gflops(2048, 2048, 2048, seconds)
-    tiny = matmul_gflops(4096, 256, 768, seconds)  # tokens x d -> 3 x moe_intermediate: a tiny-model shape
-    print(f"  fp32 matmul at start: 2048^3 {start_peak:.0f} GFLOP/s, [4096,256]x[256,768] {tiny:.0f} GFLOP/s")
+    if DEVICE.type == "cuda":
+        start_peak = cuda_matmul_gflops(8192)
+        print(f"  bf16 matmul 8192^3 at start: {start_peak:.0f} GFLOP/s")
+    else:
+        start_peak = matmul_gflops(2048, 2048, 2048, seconds)
+        tiny = matmul_gflops(
+            4096, 256, 768, seconds
+        )  # tokens x d -> 3 x moe_intermediate: a tiny-model shape
+        print(
+            f"  fp32 matmul at start: 2048^3 {start_peak:.0f} GFLOP/s, [4096,256]x[256,768] {tiny:.0f} GFLOP/s"
+        )
 
     results = []
     for size in args.sizes.split(","):
@@ -211,11 +249,11 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         results.append((batch, seq, *bench_size(cfg, batch, seq, args.warmup, args.iters, with_hf)))
-    end_peak = matmul_gflops(2048, 2048, 2048, seconds)
+    end_peak = cuda_matmul_gflops(8192) if DEVICE.type == "cuda" else matmul_gflops(2048, 2048, 2048, seconds)
     # Contention only slows a measurement down, so the higher of the two is the better estimate of the peak.
     peak = max(start_peak, end_peak)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"  at end: fp32 matmul 2048^3 {end_peak:.0f} GFLOP/s, load avg (1 min) {load:.2f}")
+    print(f"  at end: matmul {end_peak:.0f} GFLOP/s, load avg (1 min) {load:.2f}")
     print(f"  reference peak = max(start, end) = {peak:.0f} GFLOP/s")
 
     print(
