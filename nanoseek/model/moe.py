@@ -71,9 +71,14 @@ def grouped_linear(
         x = x.to(torch.get_autocast_dtype("cuda"))
     if _grouped_mm_ok(x, w) and (x.shape[0] >= w.shape[0] or x.device.type != "cpu"):
         return torch._grouped_mm(x, w.to(x.dtype).transpose(-2, -1), offs=offs)
-    # split/unbind, not x[a:b] / w[e]: their backwards are one cat/stack, where each slice or select would
-    # scatter into its own zero-filled copy of the whole tensor (E^2 memory traffic, 2 s a step on an H100).
-    parts = [x_e @ w_e.t() for x_e, w_e in zip(x.split(counts.tolist()), w.unbind(0)) if x_e.shape[0]]
+    sizes = counts.tolist()
+    if not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+        # Inference (a decode step): view only the experts that got rows; unbind would make E views of w.
+        parts = [x_e @ w[e].t() for e, x_e in enumerate(x.split(sizes)) if sizes[e]]
+    else:
+        # split/unbind, not x[a:b] / w[e]: their backwards are one cat/stack, where each slice or select would
+        # scatter into its own zero-filled copy of the whole tensor (E^2 memory traffic, 2 s a step on an H100).
+        parts = [x_e @ w_e.t() for x_e, w_e in zip(x.split(sizes), w.unbind(0)) if x_e.shape[0]]
     return torch.cat(parts, dim=0) if parts else x.new_zeros(0, w.shape[1])
 
 
