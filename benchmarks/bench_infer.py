@@ -14,6 +14,12 @@ K and V through kv_b_proj at every step (REFERENCE §8); ours runs the absorbed 
 samples the whole batch with a few tensor ops. The fraction of identical greedy tokens is printed as a check
 that both compute the same model (a near-tie may flip a token and everything after it, so it need not be 1).
 Timing: interleaved rounds (ours, transformers, ours, ...), median and best round reported; see common.py.
+
+The memory floor: a decode step must read every weight it uses once (fp32). At batch B that is all non-expert
+weights (the embedding excepted: one row per token) plus the routed experts the step touches, E (1 - (1 - k/E)^B)
+per MoE layer in expectation for uniform routing. The script measures the read bandwidth (a matrix-vector
+product over 256 MB, far beyond the caches) with the same thread count, and prints bytes / bandwidth: no
+implementation of this fp32 model decodes a step faster, so transformers' step time over it bounds the ratio.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -44,6 +51,34 @@ def build_checkpoint(path: Path):
     hf.generation_config.eos_token_id = None  # never stop early
     hf.save_pretrained(path)
     return hf
+
+
+def read_bandwidth(mbytes: int = 256) -> float:
+    """Bytes/s a matrix-vector product streams from memory (median of 7), at the current thread count."""
+    a = torch.randn(mbytes * 2**20 // 4 // 4096, 4096)
+    v = torch.randn(4096)
+    torch.mv(a, v)
+    ts = []
+    for _ in range(7):
+        t = time.perf_counter()
+        torch.mv(a, v)
+        ts.append(time.perf_counter() - t)
+    return a.numel() * 4 / statistics.median(ts)
+
+
+def step_weight_bytes(model, B: int) -> float:
+    """fp32 bytes of weights one decode step at batch B reads (expected distinct routed experts per layer)."""
+    cfg = model.cfg
+    total = 0.0
+    for name, p in model.named_parameters():
+        if name.startswith("embed.") or name.startswith("mtp."):
+            continue  # embedding: B rows, negligible; MTP modules are not used by plain decoding
+        if ".experts.w" in name:
+            E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+            total += p.numel() * 4 * (1 - (1 - k / E) ** B)  # p holds all E experts
+        else:
+            total += p.numel() * 4
+    return total
 
 
 def compare(hf, ours, B: int, args) -> tuple[float, float, float]:
@@ -78,6 +113,22 @@ def compare(hf, ours, B: int, args) -> tuple[float, float, float]:
     return statistics.median(ours_tps), statistics.median(hf_tps), statistics.median(ratio)
 
 
+def print_floor(ours, results: dict, args) -> None:
+    bw = read_bandwidth()
+    print(f"\nmemory floor ({args.threads} thread(s), read bandwidth {bw / 1e9:.1f} GB/s):")
+    print(
+        f"{'batch':>5} | {'MB read/step':>12} | {'floor ms/step':>13} | {'ours ms/step':>12} | "
+        f"{'transformers ms/step':>20} | max possible ratio"
+    )
+    for B, (ours_tps, hf_tps, _) in results.items():
+        mb = step_weight_bytes(ours, B) / 1e6
+        floor = mb * 1e6 / bw * 1e3
+        ours_ms, hf_ms = B / ours_tps * 1e3, B / hf_tps * 1e3
+        print(
+            f"{B:>5} | {mb:>12.1f} | {floor:>13.2f} | {ours_ms:>12.2f} | {hf_ms:>20.2f} | {hf_ms / floor:.1f}x"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="1,8,32")
@@ -102,6 +153,7 @@ def main() -> None:
     print(f"{'batch':>5} | {'ours tok/s':>16} | {'transformers tok/s':>18} | {'speedup':>14} | same tokens")
     print(f"{'':>5} | {'median (best)':>16} | {'median (best)':>18} | {'median (best)':>14} |")
     results = {B: compare(hf, ours, B, args) for B in [int(b) for b in args.batches.split(",")]}
+    print_floor(ours, results, args)
     targets = {1: 3.0, 32: 5.0}
     for B, target in targets.items():
         if B in results:
