@@ -8,9 +8,9 @@ it would see all-zero rewards and all-zero advantages. The SFT stage is kept del
 it only partly able to solve the RL task, which leaves GRPO something to do. Sizes are chosen for the 2-core CPU
 budget of `make run` (SFT ~1.5 min, GRPO 10 min, evaluations ~1-2 min).
 
-Which RL task? How well the SFT model does varies a lot between pretraining runs: threaded fp32 GEMMs make each
-run differ slightly, and five SFT models on 2-digit sums scored 32.5-35% greedy in four cases and 94% in one. So the RL task is
-chosen by measurement, not fixed: the SFT model is probed on a ladder of sums (2, 3, 4 digits) and GRPO runs on
+Which RL task? How well the SFT model does varies a lot between pretrained models of equal validation loss:
+four from session 2 scored 32.5-35% greedy on 2-digit sums after SFT, the current code's one 94%. So the RL task
+is chosen by measurement, not fixed: the SFT model is probed on a ladder of sums (2, 3, 4 digits) and GRPO runs on
 the one with the largest pass@8 - pass@1 gap among those it solves at most 80% greedily. That gap is the room RL
 has: it mostly sharpens the policy toward answers it can already sample (DeepSeekMath §5.2.2; docs/post_training.md
 has the runs where a small gap gave no gain).
