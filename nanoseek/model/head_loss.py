@@ -76,8 +76,9 @@ def linear_cross_entropy(
     """mean cross-entropy of (h [N, d] @ weight [V, d]^T) against targets [N] (-100 = ignored), fused and chunked.
 
     Equal to `F.cross_entropy(h @ weight.T, targets, ignore_index=-100)` up to fp32 rounding, value and gradients.
-    The default chunk keeps one [chunk, V] block at ~2M floats (8 MB): big enough for efficient GEMMs."""
+    The default chunk keeps one [chunk, V] block at ~4M floats (16 MB): 512 rows at V = 8192, where the 2-core CPU
+    measured 162 ms fwd+bwd for 2048 rows against 172 ms at 256 rows and 158-173 ms at 1024."""
     if chunk is None:
-        chunk = max(64, (1 << 21) // weight.shape[0])
+        chunk = max(64, (1 << 22) // weight.shape[0])
     # Grad mode is always off inside Function.forward: pass it in, so evaluation computes no gradients.
     return _LinearCrossEntropy.apply(h, weight, targets, chunk, torch.is_grad_enabled())
