@@ -220,10 +220,11 @@ def main(argv: list[str] | None = None) -> None:
             print("transformers is not installed: skipping its contenders (pip install -e '.[dev]')")
             with_hf = False
 
+    precision = f"bf16 on {torch.cuda.get_device_name()}" if DEVICE.type == "cuda" else "fp32"
     print(
         f"MoE layer forward+backward, preset {cfg.name!r}: d={cfg.hidden_size}, {cfg.n_routed_experts} routed "
         f"experts top-{cfg.num_experts_per_tok} (I={cfg.moe_intermediate_size}), {cfg.n_shared_experts} shared, "
-        f"groups {cfg.n_group}/keep {cfg.topk_group}, {'bf16 on ' + torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'fp32'}"
+        f"groups {cfg.n_group}/keep {cfg.topk_group}, {precision}"
     )
     print_machine_info()
     if with_hf:
@@ -234,9 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  bf16 matmul 8192^3 at start: {start_peak:.0f} GFLOP/s")
     else:
         start_peak = matmul_gflops(2048, 2048, 2048, seconds)
-        tiny = matmul_gflops(
-            4096, 256, 768, seconds
-        )  # tokens x d -> 3 x moe_intermediate: a tiny-model shape
+        # tokens x d -> 3 x moe_intermediate: a tiny-model shape
+        tiny = matmul_gflops(4096, 256, 768, seconds)
         print(
             f"  fp32 matmul at start: 2048^3 {start_peak:.0f} GFLOP/s, [4096,256]x[256,768] {tiny:.0f} GFLOP/s"
         )

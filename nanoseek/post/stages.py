@@ -101,7 +101,10 @@ def post_training(
     probes = []
     if len(cfg.rl_tasks) > 1:
         log(f"probing the SFT model on {', '.join(cfg.rl_tasks)} to choose the RL task")
-        probes = probe_tasks(run_dir / "sft", cfg.rl_tasks, cfg.grpo["eval_problems"], cfg.grpo["pass_k"])
+        g = cfg.grpo
+        probes = probe_tasks(
+            run_dir / "sft", cfg.rl_tasks, g["eval_problems"], g["pass_k"], g["max_new_tokens"]
+        )
         for task, greedy, passk in probes:
             log(f"  {task}: greedy pass@1 {greedy:.1%}, pass@{cfg.grpo['pass_k']} {passk:.1%}")
     rl_task = choose_rl_task(probes) if probes else cfg.rl_tasks[0]
@@ -115,8 +118,11 @@ def post_training(
     return report_section(run_dir, cfg, sft_seconds, grpo_seconds, result, rl_task, probes)
 
 
-def probe_tasks(init: str | Path, tasks, problems: int, k: int) -> list[tuple[str, float, float]]:
-    """(task, greedy pass@1, pass@k) of the policy in `init` on each task's held-out problems."""
+def probe_tasks(
+    init: str | Path, tasks, problems: int, k: int, max_new_tokens: int = 64
+) -> list[tuple[str, float, float]]:
+    """(task, greedy pass@1, pass@k) of the policy in `init` on each task's held-out problems, generated as
+    GRPO's own evaluations do (same problems, same completion cap)."""
     from nanoseek.infer import load
     from nanoseek.post.chat import prompt_format
     from nanoseek.post.evaluate import evaluate
@@ -124,7 +130,7 @@ def probe_tasks(init: str | Path, tasks, problems: int, k: int) -> list[tuple[st
 
     model, tokenizer = load(str(init))
     model.float().eval()
-    sampler = Sampler(model, prompt_format(tokenizer, "r1"), max_new_tokens=64)
+    sampler = Sampler(model, prompt_format(tokenizer, "r1"), max_new_tokens=max_new_tokens)
     rows = []
     for task in tasks:
         r = evaluate(sampler, make_task(task).problems("test", problems, seed=0), k=k, examples=0)
