@@ -88,5 +88,5 @@ def test_ragged_rows_decode_independently(tiny_cfg):
 def _row(cache, b):
     """A view of one row of a batched cache (writes go through to the batch)."""
     view = LatentCache.__new__(LatentCache)
-    view.c_kv, view.k_rope = cache.c_kv[b : b + 1], cache.k_rope[b : b + 1]
+    view.kv, view.rank = cache.kv[b : b + 1], cache.rank
     return view

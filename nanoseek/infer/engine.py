@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.infer.lean import LeanDecoder
+from nanoseek.infer.lean import supports as lean_supports
 from nanoseek.infer.sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
 from nanoseek.infer.speculative import MTPDrafter, verify
 
@@ -111,7 +113,8 @@ class Engine:
     model: a `Transformer` (eval mode is set here). tokenizer: needed for text, stop strings and EOS.
     max_batch: cache slots = most requests decoded at once. max_len: positions per slot (prompt + new tokens).
     speculative: MTP drafting (needs a model with an MTP module). full_kv: cache the expanded per-head K/V
-    instead of MLA's latent (the naive baseline of benchmarks/bench_infer_cache.py).
+    instead of MLA's latent (the naive baseline of benchmarks/bench_infer_cache.py). lean: decode steps run
+    `LeanDecoder` (lean.py) where it supports the model; False runs the model's own forward (the reference).
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class Engine:
         speculative: bool = False,
         full_kv: bool = False,
         max_prefill_tokens: int = 4096,
+        lean: bool = True,
     ):
         cfg = model.cfg
         self.model = model.eval()
@@ -144,11 +148,20 @@ class Engine:
         # One spare position: a speculative step writes its draft one past the last token it may emit.
         with torch.inference_mode():
             self.cache = model.make_cache(max_batch, self.max_len + 1, full_kv=full_kv)
-            self.drafter = MTPDrafter(model, max_batch, self.max_len + 1, full_kv) if speculative else None
+            # Decode steps take the lean path (lean.py: same function, few ops) where it covers the model.
+            self.lean = LeanDecoder(model) if lean and lean_supports(model, self.cache) else None
+            self.drafter = (
+                MTPDrafter(model, max_batch, self.max_len + 1, full_kv, self.lean) if speculative else None
+            )
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # running[i].slot == i
         self.stats = EngineStats()
         self._ids = itertools.count()
+
+    def weights_changed(self) -> None:
+        """Tell the engine the model's parameters were changed in place (the lean path refolds them)."""
+        if self.lean is not None:
+            self.lean.invalidate()
 
     # ---- memory accounting ---------------------------------------------------------------------------------
     def _caches(self) -> list:
@@ -301,7 +314,10 @@ class Engine:
         reqs = self.running
         ids = torch.tensor([[r.last] for r in reqs], device=self.device)
         positions = torch.tensor([[r.n_cached] for r in reqs], device=self.device)
-        logits = self.model(ids, positions=positions, cache=self.cache).logits[:, -1].float()  # [B, V]
+        if self.lean is not None:
+            logits = self.lean.forward(ids, positions, self.cache)[0][:, -1].float()  # [B, V]
+        else:
+            logits = self.model(ids, positions=positions, cache=self.cache).logits[:, -1].float()
         tokens = self._sample(logits, reqs)
         self.stats.decode_steps += 1
         deltas = []
@@ -315,8 +331,12 @@ class Engine:
         B = len(reqs)
         ids = torch.tensor([[r.last, r.draft] for r in reqs], device=self.device)
         positions = torch.tensor([[r.n_cached, r.n_cached + 1] for r in reqs], device=self.device)
-        out = self.model(ids, positions=positions, cache=self.cache)
-        logits = out.logits.float()  # [B, 2, V]
+        if self.lean is not None:
+            logits, hidden = self.lean.forward(ids, positions, self.cache)
+        else:
+            out = self.model(ids, positions=positions, cache=self.cache)
+            logits, hidden = out.logits, out.hidden
+        logits = logits.float()  # [B, 2, V]
         params = [r.params for r in reqs]
         drafts, q = ids[:, 1], self._draft_distributions(reqs)
         gens = [r.generator for r in reqs]
@@ -335,7 +355,7 @@ class Engine:
         second = torch.where(accepted, bonus, first)
         nxt = torch.stack([first, second], dim=1)
         pick = accepted.long()  # the last accepted position
-        draft_logits = self.drafter(out.hidden, nxt, positions, self.drafter.cache, absorb=True, pick=pick)
+        draft_logits = self.drafter(hidden, nxt, positions, self.drafter.cache, absorb=True, pick=pick)
         self._set_drafts(reqs, draft_logits.float())
         return deltas
 

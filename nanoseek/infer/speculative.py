@@ -41,11 +41,12 @@ from nanoseek.infer.sampling import (
 class MTPDrafter:
     """Runs MTP module 1 over its own preallocated cache; returns draft logits."""
 
-    def __init__(self, model, max_batch: int, max_len: int, full_kv: bool = False):
+    def __init__(self, model, max_batch: int, max_len: int, full_kv: bool = False, lean=None):
         if not len(model.mtp):
             raise ValueError("speculative decoding needs an MTP module; this model has none (D = 0)")
         self.model, self.module = model, model.mtp[0]
         self.cache = model.make_cache(max_batch, max_len, full_kv=full_kv, layers=1)[0]
+        self.lean = lean  # a LeanDecoder: decode steps run the MTP block through it
 
     def __call__(
         self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache, absorb: bool, pick
@@ -53,8 +54,11 @@ class MTPDrafter:
         """hidden [B, S, d] (main model, after its final norm), next_ids [B, S] (t_{i+1} for position i),
         positions [B, S]; every position runs (its cache entry is needed later), but only the position
         pick[b] of each row goes through the head: draft logits [B, V] for t_{pick+2}."""
-        cos, sin = self.model.rope(positions)
-        h, _ = self.module(hidden, self.model.embed(next_ids), cos, sin, positions, cache, absorb)
+        if absorb and self.lean is not None:
+            h = self.lean.mtp_block(self.module, hidden, self.model.embed(next_ids), positions, cache)
+        else:
+            cos, sin = self.model.rope(positions)
+            h, _ = self.module(hidden, self.model.embed(next_ids), cos, sin, positions, cache, absorb)
         h = h[torch.arange(h.shape[0], device=h.device), pick]  # [B, d]
         return self.model.head(self.module.norm(h))
 

@@ -40,20 +40,31 @@ class LatentCache:
     """Per-layer MLA cache: normed latent c_kv [B, T_max, kv_lora_rank] and roped key k_rope [B, T_max, d_R].
 
     Slot t of row b holds position t of sequence b; positions of a row are written contiguously from 0.
+    Both live side by side in one tensor `kv` [B, T_max, kv_lora_rank + d_R]: the lean decode step
+    (nanoseek/infer/lean.py) scores a query against [c_kv ; k_rope] in one batched matmul, as FlashMLA does.
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
-        self.c_kv = torch.zeros(batch, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
-        self.k_rope = torch.zeros(batch, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
+        self.kv = torch.zeros(
+            batch, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim, device=device, dtype=dtype
+        )
+        self.rank = cfg.kv_lora_rank
+
+    @property
+    def c_kv(self) -> torch.Tensor:
+        return self.kv[..., : self.rank]
+
+    @property
+    def k_rope(self) -> torch.Tensor:
+        return self.kv[..., self.rank :]
 
     def write(self, positions: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
         rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1)
-        self.c_kv[rows, positions] = c_kv.to(self.c_kv.dtype)
-        self.k_rope[rows, positions] = k_rope.to(self.k_rope.dtype)
+        self.kv[rows, positions] = torch.cat([c_kv, k_rope], dim=-1).to(self.kv.dtype)
 
     @property
     def nbytes(self) -> int:
-        return self.c_kv.numel() * self.c_kv.element_size() + self.k_rope.numel() * self.k_rope.element_size()
+        return self.kv.numel() * self.kv.element_size()
 
 
 class MLA(nn.Module):

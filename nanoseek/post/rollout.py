@@ -3,8 +3,8 @@
 All B x G requests go to one `Engine` at once, so they are prefilled together and decoded as one batch with
 continuous batching: a finished completion frees its slot and the batch shrinks, instead of padding every row to
 the longest completion. The engine's cache pool is allocated once and reused across RL steps; it is rebuilt only
-when a longer prompt needs more positions. The engine holds the policy by reference, so each rollout sees the
-current weights.
+when a longer prompt needs more positions. The engine holds the policy by reference and is told that the weights
+changed before each rollout, so each rollout sees the current weights.
 
 Two details that matter for the policy gradient:
 - A completion that ends on the stop token keeps that token in its ids: the loss must push its probability up
@@ -65,6 +65,7 @@ class Sampler:
     ) -> list[list[Completion]]:
         """n completions for each prompt ([len(prompts)][n]); temperature 0 is greedy."""
         engine = self._engine_for(max(len(p) for p in prompts))
+        engine.weights_changed()  # the policy moved since the last rollout
         was_training = self.model.training
         self.model.eval()
         params = [

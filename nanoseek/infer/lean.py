@@ -1,0 +1,334 @@
+"""The lean decode step: the model's forward for a few new tokens per sequence over the MLA latent cache, in as
+few tensor ops as the math allows.
+
+Why it exists: a decode step of a small model on a CPU is bound by per-op overhead, not by FLOPs or bytes.
+The model's own forward ran ~3,200 aten ops per token at batch 1 (BENCHMARKS.md, issue 4) against a weight-read
+floor of ~1 ms. `Transformer.forward` stays the reference; this module computes the same function (tests:
+logits within 1e-5 of it, token by token) with these changes:
+
+- Weights folded once, and again whenever a parameter changes (GRPO updates the policy between rollouts):
+    W_q' = scale * [W_UK^T W_UQ^nope ; W_UQ^rope] per head   W_UK absorbed into the query ([V2] App. C,
+                                                             REFERENCE §3), the softmax scale too
+    W_o' = W_O W_UV                                          W_UV absorbed into the output projection
+  each only where the folded matrix is at most twice the bytes of the pair it replaces (true at small widths;
+  for DeepSeek-V3's shapes it is 2.5-3.7x, and the factors stay apart, applied by a batched matmul).
+  [W_DQ ; W_DKV] are stacked (one GEMM for both down-projections) and so are the w1/w3 of the dense FFN and the
+  shared experts.
+- Attention as multi-query attention over the latent, FlashMLA's formulation: one batched matmul of the queries
+  [q_lat ; q_rope] (kv_lora_rank + d_R wide) against the cache's [c_kv ; k_rope] rows, a softmax, one batched
+  matmul against c_kv. The mask (causal + unwritten slots) is built once per step and shared by every layer;
+  one sequence decoding one token needs none.
+- RoPE as an in-place complex multiply (fp32/fp64), its factors computed once per step.
+- Every matrix in the decode layout, [in, out] contiguous (x @ W): MKL's single-row GEMV streams it at about
+  twice the bandwidth of the training layout's x @ W.t() (the 8 MB head: 0.36 vs 0.73 ms). The folded and
+  stacked matrices are copies anyway; the rest (routed experts, head, w2) are copied too while the model's
+  weights take at most `copy_limit` bytes (1 GiB), and used as transposed views beyond that.
+- One token's routed experts are visited in a Python loop; each adds its gated output into the residual stream
+  with one addmm. With more rows (batch > 1; faster from 2 rows up, measured): sort by expert, three grouped
+  GEMMs, one index_add.
+
+Only MLA models with a latent cache, in fp32 or fp64, without FP8 experts, take this path (`supports`); the
+engine runs `Transformer.forward` for everything else, and for every prefill.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from nanoseek.model.layers import MLP
+from nanoseek.model.mla import LatentCache
+from nanoseek.model.moe import MoE, _grouped_mm_ok
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every LeanDecoder, for the optimizer hook below
+
+
+def _optimizer_stepped(*_) -> None:
+    # Fused AdamW updates parameters without bumping their version counters, so an optimizer step marks every
+    # decoder's folded weights stale explicitly (GRPO samples from the policy it is training).
+    for decoder in list(_LIVE):
+        decoder.invalidate()
+
+
+register_optimizer_step_post_hook(_optimizer_stepped)
+
+
+def supports(model, cache) -> bool:
+    """Whether the lean step computes this model's decode step over this cache."""
+    cfg = model.cfg
+    if cfg.attention != "mla" or not cache or not all(isinstance(c, LatentCache) for c in cache):
+        return False
+    if model.embed.weight.dtype not in (torch.float32, torch.float64):
+        return False
+    return not any(getattr(m.experts, "fp8", False) for m in model.moe_layers())
+
+
+def _fold(parts_numel: int, folded_numel: int) -> bool:
+    return folded_numel <= 2 * parts_numel
+
+
+def _t(w: torch.Tensor, copy: bool) -> torch.Tensor:
+    """w [.., out, in] in the decode layout [.., in, out]: a contiguous copy, or a transposed view."""
+    w = w.transpose(-2, -1)
+    return w.contiguous() if copy else w
+
+
+@dataclass
+class _FFN:
+    """A SwiGLU in the decode layout: w1|w3 stacked [d, 2I], w2 [I, d]."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+
+    @classmethod
+    def of(cls, mlp: MLP, copy: bool) -> _FFN:
+        return cls(_t(torch.cat([mlp.w1.weight, mlp.w3.weight]), True), _t(mlp.w2.weight, copy))
+
+    def add_to(self, x: torch.Tensor, h: torch.Tensor) -> None:
+        """x += w2(silu(w1 h) * w3 h), in place."""
+        x.addmm_(_swiglu(h, self.w13), self.w2)
+
+
+class _Layer:
+    """One decoder block's weights, folded for decoding."""
+
+    def __init__(self, block: nn.Module, cfg, copy: bool):
+        attn = block.attn
+        H, nope, R, v, r = attn.n_heads, attn.nope_dim, attn.rope_dim, attn.v_dim, attn.kv_lora_rank
+        self.H, self.r, self.R = H, r, R
+        self.eps = cfg.rms_norm_eps
+        self.attn_norm, self.ffn_norm = block.attn_norm.weight, block.ffn_norm.weight
+        self.kv_norm = attn.kv_norm.weight
+        w_kv = attn.wkv_b.weight.view(H, nope + v, r)
+        w_uk, w_uv = w_kv[:, :nope], w_kv[:, nope:]  # [H, nope, r], [H, v, r]
+        # The query, scaled, as one matrix from its input (c_Q, or x without q_lora) to per-head [q_C ; q_R].
+        w_q = attn.wq_b.weight if attn.q_lora_rank else attn.wq.weight
+        w_q = (w_q * attn.scale).view(H, nope + R, -1)
+        q_in = w_q.shape[-1]
+        self.fold_q = _fold(w_q.numel() + w_uk.numel(), H * (r + R) * q_in)
+        if self.fold_q:  # q_lat = q_C W_UK: fold W_UK into the query weights
+            w_q = torch.cat([torch.einsum("hdr,hdi->hri", w_uk, w_q[:, :nope]), w_q[:, nope:]], dim=1)
+            self.w_uk = None
+        else:
+            self.w_uk = w_uk  # applied by a bmm over heads
+        self.q_width = w_q.shape[1]  # r + R folded, nope + R otherwise
+        w_q = w_q.reshape(-1, q_in)
+        if attn.q_lora_rank:
+            self.q_lora = attn.q_lora_rank
+            self.q_norm = attn.q_norm.weight
+            self.w_in = _t(torch.cat([attn.wq_a.weight, attn.wkv_a.weight]), True)  # [d, q_lora + r + R]
+            self.w_q = _t(w_q, True)
+        else:
+            self.q_lora, self.q_norm, self.w_q = 0, None, None
+            self.w_in = _t(torch.cat([w_q, attn.wkv_a.weight]), True)  # [d, H*q_width + r + R]
+        wo = attn.wo.weight  # [d, H*v]
+        self.fold_o = _fold(wo.numel() + w_uv.numel(), wo.shape[0] * H * r)
+        if self.fold_o:  # o W_UV then W_O, as one [H*r, d] matrix
+            self.w_o = torch.einsum("dhv,hvr->hrd", wo.view(-1, H, v), w_uv).reshape(H * r, -1).contiguous()
+            self.w_uv = None
+        else:
+            self.w_o, self.w_uv = _t(wo, True), w_uv.transpose(1, 2)  # [H*v, d], [H, r, v]
+        self.ffn = self.moe = None
+        if isinstance(block.ffn, MoE):
+            self.moe = block.ffn
+            ex = block.ffn.experts
+            # [E, in, out]; a copy stacks w1|w3 ([E, d, 2I]: one GEMM for both), views keep them apart
+            self.w13 = _t(torch.cat([ex.w1, ex.w3], dim=1), True) if copy else None
+            self.w1, self.w3 = (None, None) if copy else (_t(ex.w1, False), _t(ex.w3, False))
+            self.w2 = _t(ex.w2, copy)
+            # per-expert views, made once (not per step)
+            self.w13s = self.w13.unbind(0) if copy else None
+            self.w1s, self.w3s = (None, None) if copy else (self.w1.unbind(0), self.w3.unbind(0))
+            self.w2s = self.w2.unbind(0)
+            sh = block.ffn.shared_experts
+            self.shared = _FFN.of(sh, copy) if sh is not None else None
+        else:
+            self.ffn = _FFN.of(block.ffn, copy)
+
+
+@dataclass
+class _Step:
+    """What every layer of one step shares: cache rows/positions, the mask, the RoPE factors."""
+
+    B: int
+    S: int
+    rows: torch.Tensor  # [B, 1]
+    positions: torch.Tensor  # [B, S]
+    kv_len: int
+    mask: torch.Tensor | None  # [B, S, 1, kv_len] additive (0 / -inf), None when nothing needs hiding
+    freqs: torch.Tensor  # complex [B*S, 1, R/2]
+
+
+class LeanDecoder:
+    """Decode-step forward of a `Transformer` (main layers, and MTP blocks by index) over latent caches."""
+
+    def __init__(self, model, copy_limit: int = 2**30):
+        self.model = model
+        self.copy_limit = copy_limit
+        self._params = list(model.parameters())  # walking the module tree every step costs ~0.7 ms
+        self._key = None
+        self._layers: dict[int, _Layer] = {}
+        self._head: torch.Tensor | None = None
+        _LIVE.add(self)
+
+    def invalidate(self) -> None:
+        """Refold the weights before the next step (call after changing parameters in place by hand)."""
+        self._key = None
+
+    # ---- weights -------------------------------------------------------------------------------------------
+    def _params_key(self) -> tuple:
+        # A parameter changed in place by most ops (load_state_dict, no_grad updates) bumps its version;
+        # `.data = ...` or a device move changes its storage. Optimizer steps call invalidate() (the hook above).
+        return tuple((p.data_ptr(), p._version) for p in self._params)
+
+    def _refresh(self) -> None:
+        key = self._params_key()
+        if key != self._key:
+            self._layers.clear()
+            self._key = key
+            params = {p.data_ptr(): p for p in self._params}.values()
+            self._copy = sum(p.numel() * p.element_size() for p in params) <= self.copy_limit
+            with torch.no_grad():
+                self._head = _t(self.model.head.weight, self._copy)
+
+    def _layer(self, block: nn.Module) -> _Layer:
+        lw = self._layers.get(id(block))
+        if lw is None:
+            with torch.no_grad():
+                lw = self._layers[id(block)] = _Layer(block, self.model.cfg, self._copy)
+        return lw
+
+    # ---- one step ------------------------------------------------------------------------------------------
+    def step_context(self, positions: torch.Tensor) -> _Step:
+        """positions [B, S]: where each row's new tokens go (row b's cache already holds 0..positions[b, 0]-1)."""
+        self._refresh()
+        B, S = positions.shape
+        kv_len = int(positions.max()) + 1
+        mask = None
+        if not (B == 1 and S == 1):
+            keys = torch.arange(kv_len, device=positions.device)
+            hidden = keys.view(1, 1, 1, -1) > positions.view(B, S, 1, 1)
+            if bool(hidden.any()):
+                mask = torch.zeros(hidden.shape, dtype=self.model.embed.weight.dtype, device=positions.device)
+                mask.masked_fill_(hidden, float("-inf"))
+        rope = self.model.rope
+        angles = positions.reshape(-1, 1, 1).to(rope.inv_freq.dtype) * rope.inv_freq  # [B*S, 1, R/2]
+        freqs = torch.polar(torch.full_like(angles, rope.attention_factor), angles)
+        if self.model.embed.weight.dtype == torch.float64:
+            freqs = freqs.to(torch.complex128)
+        rows = torch.arange(B, device=positions.device).unsqueeze(1)
+        return _Step(B, S, rows, positions, kv_len, mask, freqs)
+
+    def block(self, block: nn.Module, x: torch.Tensor, step: _Step, cache: LatentCache) -> torch.Tensor:
+        """One decoder block over x [B*S, d] (rows b*S + s); returns the new residual stream [B*S, d]."""
+        lw = self._layer(block)
+        x = x + self._attention(lw, F.rms_norm(x, x.shape[-1:], lw.attn_norm, lw.eps), step, cache)
+        h = F.rms_norm(x, x.shape[-1:], lw.ffn_norm, lw.eps)
+        if lw.moe is None:
+            lw.ffn.add_to(x, h)
+        else:
+            self._moe(lw, x, h)
+        return x
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: list):
+        """The main model over ids [B, S] at positions [B, S]: (logits [B, S, V], final normed hidden [B, S, d])."""
+        model = self.model
+        B, S = ids.shape
+        step = self.step_context(positions)
+        x = F.embedding(ids.reshape(-1), model.embed.weight)
+        for layer, c in zip(model.layers, cache):
+            x = self.block(layer, x, step, c)
+        h = F.rms_norm(x, x.shape[-1:], model.norm.weight, model.norm.eps)
+        return (h @ self._head).view(B, S, -1), h.view(B, S, -1)
+
+    def mtp_block(self, module: nn.Module, hidden: torch.Tensor, emb_next: torch.Tensor, positions, cache):
+        """An MTP module's block (speculative drafting) over hidden, emb_next [B, S, d] -> h^k [B, S, d]."""
+        B, S, d = hidden.shape
+        x = module.eh_proj(torch.cat([module.enorm(emb_next), module.hnorm(hidden)], dim=-1))
+        return self.block(module.block, x.reshape(B * S, d), self.step_context(positions), cache).view(
+            B, S, d
+        )
+
+    # ---- pieces --------------------------------------------------------------------------------------------
+    def _attention(self, lw: _Layer, x: torch.Tensor, step: _Step, cache: LatentCache) -> torch.Tensor:
+        B, S, H, r, R = step.B, step.S, lw.H, lw.r, lw.R
+        M = B * S
+        a = x @ lw.w_in
+        if lw.q_lora:
+            q = F.rms_norm(a[:, : lw.q_lora], (lw.q_lora,), lw.q_norm, lw.eps) @ lw.w_q
+            kv = a[:, lw.q_lora :]
+        else:
+            q, kv = a[:, : H * lw.q_width], a[:, H * lw.q_width :]
+        q = q.view(M, H, lw.q_width)
+        if not lw.fold_q:
+            q_lat = torch.bmm(q[..., :-R].transpose(0, 1), lw.w_uk).transpose(0, 1)  # [M, H, r]
+            q = torch.cat([q_lat, q[..., -R:]], dim=-1)
+        _rope_(q[..., r:], step.freqs)
+        _rope_(kv[:, None, r:], step.freqs)
+        kv_new = torch.cat([F.rms_norm(kv[:, :r], (r,), lw.kv_norm, lw.eps), kv[:, r:]], dim=-1)
+        cache.kv[step.rows, step.positions] = kv_new.view(B, S, r + R)
+        keys = cache.kv[:B, : step.kv_len]  # [B, T, r + R]
+        scores = torch.bmm(q.reshape(B, S * H, r + R), keys.transpose(1, 2))  # the scale is folded into q
+        if step.mask is not None:
+            scores.view(B, S, H, -1).add_(step.mask)
+        o_lat = torch.bmm(scores.softmax(dim=-1), keys[..., :r])  # [B, S*H, r]
+        if lw.fold_o:
+            return o_lat.view(M, H * r) @ lw.w_o
+        o = torch.bmm(o_lat.view(M, H, r).transpose(0, 1), lw.w_uv)  # [H, M, v]
+        return o.transpose(0, 1).reshape(M, -1) @ lw.w_o
+
+    def _moe(self, lw: _Layer, x: torch.Tensor, h: torch.Tensor) -> None:
+        """x += routed experts (gated) + shared experts of h, in place."""
+        moe = lw.moe
+        idx, weights, _ = moe.gate(h)
+        if lw.shared is not None:
+            lw.shared.add_to(x, h)
+        M, K = idx.shape
+        if M == 1:
+            for e, g in zip(idx[0].tolist(), weights[0].tolist()):
+                x.addmm_(
+                    _swiglu(h, lw.w13s[e]) if lw.w13s else _swiglu(h, lw.w1s[e], lw.w3s[e]),
+                    lw.w2s[e],
+                    alpha=g,
+                )
+            return
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=len(lw.w2s))
+        tok = order // K
+        xs = h.index_select(0, tok)
+        gates = weights.flatten().index_select(0, order).unsqueeze(1).to(h.dtype)
+        if lw.w13 is not None:
+            a = _grouped(xs, lw.w13, counts)
+            inter = a.shape[-1] // 2
+            y = F.silu(a[:, :inter]).mul_(a[:, inter:])
+        else:
+            y = F.silu(_grouped(xs, lw.w1, counts)).mul_(_grouped(xs, lw.w3, counts))
+        x.index_add_(0, tok, _grouped(y.mul_(gates), lw.w2, counts))
+
+
+def _swiglu(h: torch.Tensor, w13_or_w1: torch.Tensor, w3: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(h w1) * (h w3), from w1|w3 stacked [d, 2I] or from the two [d, I] matrices."""
+    if w3 is not None:
+        return F.silu(h @ w13_or_w1).mul_(h @ w3)
+    a = h @ w13_or_w1
+    inter = a.shape[-1] // 2
+    return F.silu(a[:, :inter]).mul_(a[:, inter:])
+
+
+def _grouped(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by expert times w [E, in, out]: one grouped GEMM where the kernel exists, else a loop."""
+    if _grouped_mm_ok(x, w):
+        return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
+    sizes = counts.tolist()
+    return torch.cat([x_e @ w[e] for e, x_e in enumerate(x.split(sizes)) if sizes[e]])
+
+
+def _rope_(x: torch.Tensor, freqs: torch.Tensor) -> None:
+    """Rotate adjacent pairs of x [M, n, R] in place by freqs [M, 1, R/2] (complex)."""
+    torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(freqs)
