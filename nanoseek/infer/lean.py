@@ -23,9 +23,8 @@ logits within 1e-5 of it, token by token) with these changes:
   twice the bandwidth of the training layout's x @ W.t() (the 8 MB head: 0.36 vs 0.73 ms). The folded and
   stacked matrices are copies anyway; the rest (routed experts, head, w2) are copied too while the model's
   weights take at most `copy_limit` bytes (1 GiB), and used as transposed views beyond that.
-- One token's routed experts are visited in a Python loop; each adds its gated output into the residual stream
-  with one addmm. With more rows (batch > 1; faster from 2 rows up, measured): sort by expert, three grouped
-  GEMMs, one index_add.
+- A step with few (token, expert) pairs (batch 1-2) loops over them; each adds its gated expert output into
+  its row of the residual stream with one addmm. With more pairs: sort by expert, grouped GEMMs, one index_add.
 
 Only MLA models with a latent cache, in fp32 or fp64, without FP8 experts, take this path (`supports`); the
 engine runs `Transformer.forward` for everything else, and for every prefill.
@@ -56,6 +55,12 @@ def _optimizer_stepped(*_) -> None:
 
 
 register_optimizer_step_post_hook(_optimizer_stepped)
+
+
+# Up to this many (token, expert) pairs a step loops over the pairs; beyond, it sorts rows by expert and runs
+# grouped GEMMs (the CPU grouped kernel visits every expert, however few rows it has). Measured on the `small`
+# preset (top-6 of 64): the loop wins at batch 1 and 2 (6-12 pairs), the grouped GEMMs from batch 4 (24).
+PAIR_LOOP_MAX = 16
 
 
 def supports(model, cache) -> bool:
@@ -174,11 +179,12 @@ class LeanDecoder:
         self._key = None
         self._layers: dict[int, _Layer] = {}
         self._head: torch.Tensor | None = None
+        self._last: tuple | None = None  # (positions, its _Step)
         _LIVE.add(self)
 
     def invalidate(self) -> None:
         """Refold the weights before the next step (call after changing parameters in place by hand)."""
-        self._key = None
+        self._key = self._last = None
 
     # ---- weights -------------------------------------------------------------------------------------------
     def _params_key(self) -> tuple:
@@ -206,6 +212,8 @@ class LeanDecoder:
     # ---- one step ------------------------------------------------------------------------------------------
     def step_context(self, positions: torch.Tensor) -> _Step:
         """positions [B, S]: where each row's new tokens go (row b's cache already holds 0..positions[b, 0]-1)."""
+        if self._last is not None and self._last[0] is positions:
+            return self._last[1]  # the MTP block of a speculative step reuses the main model's context
         self._refresh()
         B, S = positions.shape
         kv_len = int(positions.max()) + 1
@@ -222,7 +230,9 @@ class LeanDecoder:
         if self.model.embed.weight.dtype == torch.float64:
             freqs = freqs.to(torch.complex128)
         rows = torch.arange(B, device=positions.device).unsqueeze(1)
-        return _Step(B, S, rows, positions, kv_len, mask, freqs)
+        step = _Step(B, S, rows, positions, kv_len, mask, freqs)
+        self._last = (positions, step)
+        return step
 
     def block(self, block: nn.Module, x: torch.Tensor, step: _Step, cache: LatentCache) -> torch.Tensor:
         """One decoder block over x [B*S, d] (rows b*S + s); returns the new residual stream [B*S, d]."""
@@ -249,10 +259,15 @@ class LeanDecoder:
     def mtp_block(self, module: nn.Module, hidden: torch.Tensor, emb_next: torch.Tensor, positions, cache):
         """An MTP module's block (speculative drafting) over hidden, emb_next [B, S, d] -> h^k [B, S, d]."""
         B, S, d = hidden.shape
-        x = module.eh_proj(torch.cat([module.enorm(emb_next), module.hnorm(hidden)], dim=-1))
-        return self.block(module.block, x.reshape(B * S, d), self.step_context(positions), cache).view(
-            B, S, d
-        )
+        e_n = F.rms_norm(emb_next, (d,), module.enorm.weight, module.enorm.eps)
+        h_n = F.rms_norm(hidden, (d,), module.hnorm.weight, module.hnorm.eps)
+        x = module.eh_proj(torch.cat([e_n, h_n], dim=-1)).reshape(B * S, d)
+        return self.block(module.block, x, self.step_context(positions), cache).view(B, S, d)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The output head over normed hidden states h [..., d] (the MTP drafts' head too)."""
+        self._refresh()
+        return h @ self._head
 
     # ---- pieces --------------------------------------------------------------------------------------------
     def _attention(self, lw: _Layer, x: torch.Tensor, step: _Step, cache: LatentCache) -> torch.Tensor:
@@ -289,13 +304,12 @@ class LeanDecoder:
         if lw.shared is not None:
             lw.shared.add_to(x, h)
         M, K = idx.shape
-        if M == 1:
-            for e, g in zip(idx[0].tolist(), weights[0].tolist()):
-                x.addmm_(
-                    _swiglu(h, lw.w13s[e]) if lw.w13s else _swiglu(h, lw.w1s[e], lw.w3s[e]),
-                    lw.w2s[e],
-                    alpha=g,
-                )
+        if M * K <= PAIR_LOOP_MAX:  # a decode step of a sequence or two: one addmm per (token, expert) pair
+            for t, (experts, gates) in enumerate(zip(idx.tolist(), weights.tolist())):
+                h_t, x_t = h[t : t + 1], x[t : t + 1]
+                for e, g in zip(experts, gates):
+                    y = _swiglu(h_t, lw.w13s[e]) if lw.w13s else _swiglu(h_t, lw.w1s[e], lw.w3s[e])
+                    x_t.addmm_(y, lw.w2s[e], alpha=g)
             return
         flat = idx.flatten()
         order = flat.argsort(stable=True)

@@ -56,9 +56,10 @@ class MTPDrafter:
         pick[b] of each row goes through the head: draft logits [B, V] for t_{pick+2}."""
         if absorb and self.lean is not None:
             h = self.lean.mtp_block(self.module, hidden, self.model.embed(next_ids), positions, cache)
-        else:
-            cos, sin = self.model.rope(positions)
-            h, _ = self.module(hidden, self.model.embed(next_ids), cos, sin, positions, cache, absorb)
+            h = h[torch.arange(h.shape[0], device=h.device), pick]  # [B, d]
+            return self.lean.logits(self.module.norm(h))
+        cos, sin = self.model.rope(positions)
+        h, _ = self.module(hidden, self.model.embed(next_ids), cos, sin, positions, cache, absorb)
         h = h[torch.arange(h.shape[0], device=h.device), pick]  # [B, d]
         return self.model.head(self.module.norm(h))
 
