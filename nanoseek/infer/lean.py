@@ -179,7 +179,7 @@ class LeanDecoder:
         self._key = None
         self._layers: dict[int, _Layer] = {}
         self._head: torch.Tensor | None = None
-        self._last: tuple | None = None  # (positions, its _Step)
+        self._last: tuple | None = None  # (a copy of the positions, their _Step)
         _LIVE.add(self)
 
     def invalidate(self) -> None:
@@ -196,6 +196,7 @@ class LeanDecoder:
         key = self._params_key()
         if key != self._key:
             self._layers.clear()
+            self._last = None
             self._key = key
             params = {p.data_ptr(): p for p in self._params}.values()
             self._copy = sum(p.numel() * p.element_size() for p in params) <= self.copy_limit
@@ -212,9 +213,11 @@ class LeanDecoder:
     # ---- one step ------------------------------------------------------------------------------------------
     def step_context(self, positions: torch.Tensor) -> _Step:
         """positions [B, S]: where each row's new tokens go (row b's cache already holds 0..positions[b, 0]-1)."""
-        if self._last is not None and self._last[0] is positions:
-            return self._last[1]  # the MTP block of a speculative step reuses the main model's context
         self._refresh()
+        last = self._last
+        if last is not None and last[0].shape == positions.shape and torch.equal(last[0], positions):
+            return last[1]  # the MTP block of a speculative step reuses the main model's context
+        positions = positions.clone()  # kept by the step: safe from later in-place changes by the caller
         B, S = positions.shape
         kv_len = int(positions.max()) + 1
         mask = None
