@@ -8,6 +8,9 @@ Same model, same weights, two caches (REFERENCE §3; DeepSeek-V2 §2.1, App. C):
             per token per layer; W_UK is folded into the query and W_UV applied after attention.
   full K/V  [M]'s attn_impl="naive": caches every head's K (nope + rope) and V, n_heads * (qk_head_dim +
             v_head_dim) numbers per token per layer, and runs standard attention over them.
+Both run the model's own decode forward (`Engine(lean=False)`), so the two columns differ only in the cache. A
+third column runs the latent cache through the engine's default lean decode step (nanoseek/infer/lean.py:
+folded weights, attention as MQA over [c_kv ; k_rope]), to show how that path grows with the context.
 Bytes per token are read off the engine's preallocated cache and checked against those formulas. Decode time
 is one token per sequence at the given context (the cache holds `context` tokens), timed over a few steps after
 a prefill; both contenders are interleaved (see common.py). The model is bench_infer.py's (hidden 256, 4
@@ -83,21 +86,26 @@ def main() -> None:
     for B in [int(b) for b in args.batches.split(",")]:
         print(f"\ndecode ms per step at batch {B} (median of {args.rounds}; cache held by the batch in MiB):")
         print(
-            f"  {'context':>7} | {'latent':>8} | {'full K/V':>8} | {'full/latent':>11} | {'MiB latent':>10} | MiB full"
+            f"  {'context':>7} | {'latent':>8} | {'full K/V':>8} | {'full/latent':>11} | {'lean latent':>11} | "
+            f"{'MiB latent':>10} | MiB full"
         )
         for ctx in contexts:
             engines = {
-                name: Engine(model, max_batch=B, max_len=ctx + args.steps + 2, full_kv=fk)
-                for name, fk in (("latent", False), ("full K/V", True))
+                name: Engine(model, max_batch=B, max_len=ctx + args.steps + 2, full_kv=fk, lean=lean)
+                for name, fk, lean in (
+                    ("latent", False, False),
+                    ("full K/V", True, False),
+                    ("lean", False, True),
+                )
             }
             times: dict[str, list[float]] = {name: [] for name in engines}
             for _ in range(args.rounds):  # interleaved: a slow spell of the machine hits both
                 for name, engine in engines.items():
                     times[name].append(decode_seconds(engine, B, ctx, args.steps))
-            lat, full = (statistics.median(times[n]) for n in ("latent", "full K/V"))
+            lat, full, lean = (statistics.median(times[n]) for n in ("latent", "full K/V", "lean"))
             mib = {n: B * ctx * theory[n] / 2**20 for n in theory}
             print(
-                f"  {ctx:>7} | {lat * 1e3:>8.2f} | {full * 1e3:>8.2f} | {full / lat:>10.2f}x | "
+                f"  {ctx:>7} | {lat * 1e3:>8.2f} | {full * 1e3:>8.2f} | {full / lat:>10.2f}x | {lean * 1e3:>11.2f} | "
                 f"{mib['latent']:>10.1f} | {mib['full K/V']:.1f}",
                 flush=True,
             )

@@ -181,6 +181,7 @@ class LeanDecoder:
         self._head: torch.Tensor | None = None
         self._last: tuple | None = None  # (a copy of the positions, their _Step)
         _LIVE.add(self)
+        self._refresh()  # fold now: the first decode step should not pay for it
 
     def invalidate(self) -> None:
         """Refold the weights before the next step (call after changing parameters in place by hand)."""
@@ -202,6 +203,8 @@ class LeanDecoder:
             self._copy = sum(p.numel() * p.element_size() for p in params) <= self.copy_limit
             with torch.no_grad():
                 self._head = _t(self.model.head.weight, self._copy)
+            for block in self.model.layers:  # MTP blocks are folded on first use (speculative decoding only)
+                self._layer(block)
 
     def _layer(self, block: nn.Module) -> _Layer:
         lw = self._layers.get(id(block))
