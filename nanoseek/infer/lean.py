@@ -20,14 +20,14 @@ logits within 1e-5 of it, token by token) with these changes:
   one sequence decoding one token needs none.
 - RoPE as an in-place complex multiply (fp32/fp64), its factors computed once per step.
 - Every matrix in the decode layout, [in, out] contiguous (x @ W): MKL's single-row GEMV streams it at about
-  twice the bandwidth of the training layout's x @ W.t() (the 8 MB head: 0.36 vs 0.73 ms). The folded and
-  stacked matrices are copies anyway; the rest (routed experts, head, w2) are copied too while the model's
-  weights take at most `copy_limit` bytes (1 GiB), and used as transposed views beyond that.
+  twice the bandwidth of the training layout's x @ W.t() (the 8 MB head: 0.36 vs 0.73 ms). So the decoder
+  holds a copy of the weights (the model's size again); w1|w3 are stacked in it, one GEMM for both.
 - A step with few (token, expert) pairs (batch 1-2) loops over them; each adds its gated expert output into
   its row of the residual stream with one addmm. With more pairs: sort by expert, grouped GEMMs, one index_add.
 
-Only MLA models with a latent cache, in fp32 or fp64, without FP8 experts, take this path (`supports`); the
-engine runs `Transformer.forward` for everything else, and for every prefill.
+Only MLA models on the CPU with a latent cache, in fp32 or fp64, without FP8 experts and of at most
+`MAX_MODEL_BYTES` (the copy), take this path (`supports`). The engine runs `Transformer.forward` for everything
+else, and for every prefill. (On a GPU the per-op cost is a kernel launch, and CUDA graphs are the tool for it.)
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ register_optimizer_step_post_hook(_optimizer_stepped)
 # grouped GEMMs (the CPU grouped kernel visits every expert, however few rows it has). Measured on the `small`
 # preset (top-6 of 64): the loop wins at batch 1 and 2 (6-12 pairs), the grouped GEMMs from batch 4 (24).
 PAIR_LOOP_MAX = 16
+MAX_MODEL_BYTES = 2**30  # the decoder copies the weights; bigger models decode through the model's forward
 
 
 def supports(model, cache) -> bool:
@@ -68,7 +69,10 @@ def supports(model, cache) -> bool:
     cfg = model.cfg
     if cfg.attention != "mla" or not cache or not all(isinstance(c, LatentCache) for c in cache):
         return False
-    if model.embed.weight.dtype not in (torch.float32, torch.float64):
+    w = model.embed.weight
+    if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.float64):
+        return False
+    if sum(p.numel() * p.element_size() for p in model.parameters()) > MAX_MODEL_BYTES:
         return False
     return not any(getattr(m.experts, "fp8", False) for m in model.moe_layers())
 
@@ -77,10 +81,9 @@ def _fold(parts_numel: int, folded_numel: int) -> bool:
     return folded_numel <= 2 * parts_numel
 
 
-def _t(w: torch.Tensor, copy: bool) -> torch.Tensor:
-    """w [.., out, in] in the decode layout [.., in, out]: a contiguous copy, or a transposed view."""
-    w = w.transpose(-2, -1)
-    return w.contiguous() if copy else w
+def _t(w: torch.Tensor) -> torch.Tensor:
+    """w [.., out, in] as a contiguous copy in the decode layout [.., in, out]."""
+    return w.transpose(-2, -1).contiguous()
 
 
 @dataclass
@@ -91,8 +94,8 @@ class _FFN:
     w2: torch.Tensor
 
     @classmethod
-    def of(cls, mlp: MLP, copy: bool) -> _FFN:
-        return cls(_t(torch.cat([mlp.w1.weight, mlp.w3.weight]), True), _t(mlp.w2.weight, copy))
+    def of(cls, mlp: MLP) -> _FFN:
+        return cls(_t(torch.cat([mlp.w1.weight, mlp.w3.weight])), _t(mlp.w2.weight))
 
     def add_to(self, x: torch.Tensor, h: torch.Tensor) -> None:
         """x += w2(silu(w1 h) * w3 h), in place."""
@@ -102,7 +105,7 @@ class _FFN:
 class _Layer:
     """One decoder block's weights, folded for decoding."""
 
-    def __init__(self, block: nn.Module, cfg, copy: bool):
+    def __init__(self, block: nn.Module, cfg):
         attn = block.attn
         H, nope, R, v, r = attn.n_heads, attn.nope_dim, attn.rope_dim, attn.v_dim, attn.kv_lora_rank
         self.H, self.r, self.R = H, r, R
@@ -126,34 +129,29 @@ class _Layer:
         if attn.q_lora_rank:
             self.q_lora = attn.q_lora_rank
             self.q_norm = attn.q_norm.weight
-            self.w_in = _t(torch.cat([attn.wq_a.weight, attn.wkv_a.weight]), True)  # [d, q_lora + r + R]
-            self.w_q = _t(w_q, True)
+            self.w_in = _t(torch.cat([attn.wq_a.weight, attn.wkv_a.weight]))  # [d, q_lora + r + R]
+            self.w_q = _t(w_q)
         else:
             self.q_lora, self.q_norm, self.w_q = 0, None, None
-            self.w_in = _t(torch.cat([w_q, attn.wkv_a.weight]), True)  # [d, H*q_width + r + R]
+            self.w_in = _t(torch.cat([w_q, attn.wkv_a.weight]))  # [d, H*q_width + r + R]
         wo = attn.wo.weight  # [d, H*v]
         self.fold_o = _fold(wo.numel() + w_uv.numel(), wo.shape[0] * H * r)
         if self.fold_o:  # o W_UV then W_O, as one [H*r, d] matrix
             self.w_o = torch.einsum("dhv,hvr->hrd", wo.view(-1, H, v), w_uv).reshape(H * r, -1).contiguous()
             self.w_uv = None
         else:
-            self.w_o, self.w_uv = _t(wo, True), w_uv.transpose(1, 2)  # [H*v, d], [H, r, v]
+            self.w_o, self.w_uv = _t(wo), w_uv.transpose(1, 2)  # [H*v, d], [H, r, v]
         self.ffn = self.moe = None
         if isinstance(block.ffn, MoE):
             self.moe = block.ffn
             ex = block.ffn.experts
-            # [E, in, out]; a copy stacks w1|w3 ([E, d, 2I]: one GEMM for both), views keep them apart
-            self.w13 = _t(torch.cat([ex.w1, ex.w3], dim=1), True) if copy else None
-            self.w1, self.w3 = (None, None) if copy else (_t(ex.w1, False), _t(ex.w3, False))
-            self.w2 = _t(ex.w2, copy)
-            # per-expert views, made once (not per step)
-            self.w13s = self.w13.unbind(0) if copy else None
-            self.w1s, self.w3s = (None, None) if copy else (self.w1.unbind(0), self.w3.unbind(0))
-            self.w2s = self.w2.unbind(0)
+            self.w13 = _t(torch.cat([ex.w1, ex.w3], dim=1))  # [E, d, 2I]
+            self.w2 = _t(ex.w2)  # [E, I, d]
+            self.w13s, self.w2s = self.w13.unbind(0), self.w2.unbind(0)  # per-expert views, made once
             sh = block.ffn.shared_experts
-            self.shared = _FFN.of(sh, copy) if sh is not None else None
+            self.shared = _FFN.of(sh) if sh is not None else None
         else:
-            self.ffn = _FFN.of(block.ffn, copy)
+            self.ffn = _FFN.of(block.ffn)
 
 
 @dataclass
@@ -172,9 +170,8 @@ class _Step:
 class LeanDecoder:
     """Decode-step forward of a `Transformer` (main layers, and MTP blocks by index) over latent caches."""
 
-    def __init__(self, model, copy_limit: int = 2**30):
+    def __init__(self, model):
         self.model = model
-        self.copy_limit = copy_limit
         self._params = list(model.parameters())  # walking the module tree every step costs ~0.7 ms
         self._key = None
         self._layers: dict[int, _Layer] = {}
@@ -199,10 +196,8 @@ class LeanDecoder:
             self._layers.clear()
             self._last = None
             self._key = key
-            params = {p.data_ptr(): p for p in self._params}.values()
-            self._copy = sum(p.numel() * p.element_size() for p in params) <= self.copy_limit
             with torch.no_grad():
-                self._head = _t(self.model.head.weight, self._copy)
+                self._head = _t(self.model.head.weight)
             for block in self.model.layers:  # MTP blocks are folded on first use (speculative decoding only)
                 self._layer(block)
 
@@ -210,7 +205,7 @@ class LeanDecoder:
         lw = self._layers.get(id(block))
         if lw is None:
             with torch.no_grad():
-                lw = self._layers[id(block)] = _Layer(block, self.model.cfg, self._copy)
+                lw = self._layers[id(block)] = _Layer(block, self.model.cfg)
         return lw
 
     # ---- one step ------------------------------------------------------------------------------------------
@@ -314,8 +309,7 @@ class LeanDecoder:
             for t, (experts, gates) in enumerate(zip(idx.tolist(), weights.tolist())):
                 h_t, x_t = h[t : t + 1], x[t : t + 1]
                 for e, g in zip(experts, gates):
-                    y = _swiglu(h_t, lw.w13s[e]) if lw.w13s else _swiglu(h_t, lw.w1s[e], lw.w3s[e])
-                    x_t.addmm_(y, lw.w2s[e], alpha=g)
+                    x_t.addmm_(_swiglu(h_t, lw.w13s[e]), lw.w2s[e], alpha=g)
             return
         flat = idx.flatten()
         order = flat.argsort(stable=True)
@@ -323,22 +317,19 @@ class LeanDecoder:
         tok = order // K
         xs = h.index_select(0, tok)
         gates = weights.flatten().index_select(0, order).unsqueeze(1).to(h.dtype)
-        if lw.w13 is not None:
-            a = _grouped(xs, lw.w13, counts)
-            inter = a.shape[-1] // 2
-            y = F.silu(a[:, :inter]).mul_(a[:, inter:])
-        else:
-            y = F.silu(_grouped(xs, lw.w1, counts)).mul_(_grouped(xs, lw.w3, counts))
+        y = _swiglu_of(_grouped(xs, lw.w13, counts))
         x.index_add_(0, tok, _grouped(y.mul_(gates), lw.w2, counts))
 
 
-def _swiglu(h: torch.Tensor, w13_or_w1: torch.Tensor, w3: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(h w1) * (h w3), from w1|w3 stacked [d, 2I] or from the two [d, I] matrices."""
-    if w3 is not None:
-        return F.silu(h @ w13_or_w1).mul_(h @ w3)
-    a = h @ w13_or_w1
+def _swiglu_of(a: torch.Tensor) -> torch.Tensor:
+    """silu(h w1) * (h w3) from a = h [w1 | w3]."""
     inter = a.shape[-1] // 2
     return F.silu(a[:, :inter]).mul_(a[:, inter:])
+
+
+def _swiglu(h: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
+    """silu(h w1) * (h w3) with w1|w3 stacked [d, 2I]."""
+    return _swiglu_of(h @ w13)
 
 
 def _grouped(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
