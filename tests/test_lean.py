@@ -112,6 +112,7 @@ def test_unsupported_models_and_caches_use_the_model_forward(monkeypatch):
     assert Engine(random_model(attention="gqa", n_kv_heads=1), max_batch=1, max_len=16).lean is None
     assert Engine(random_model(), max_batch=1, max_len=16, full_kv=True).lean is None
     assert Engine(random_model().to(torch.bfloat16), max_batch=1, max_len=16).lean is None
+    assert Engine(random_model(kv_lora_rank=31), max_batch=1, max_len=16).lean is None
     monkeypatch.setattr(
         lean_module, "MAX_MODEL_BYTES", 1000
     )  # the decoder copies the weights: too big to copy

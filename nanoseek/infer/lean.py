@@ -69,6 +69,8 @@ def supports(model, cache) -> bool:
     cfg = model.cfg
     if cfg.attention != "mla" or not cache or not all(isinstance(c, LatentCache) for c in cache):
         return False
+    if cfg.kv_lora_rank % 2 or (cfg.q_lora_rank or 0) % 2:
+        return False  # RoPE's complex view of the rope slice needs it to start at an even offset
     w = model.embed.weight
     if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.float64):
         return False
@@ -168,7 +170,8 @@ class _Step:
 
 
 class LeanDecoder:
-    """Decode-step forward of a `Transformer` (main layers, and MTP blocks by index) over latent caches."""
+    """Decode-step forward of a `Transformer` over its latent caches: the main layers (`forward`) and, for
+    speculative decoding, an MTP module's block (`mtp_block`)."""
 
     def __init__(self, model):
         self.model = model
