@@ -10,8 +10,9 @@ vocab 8192, MLA with kv_lora_rank 64 (the `small` preset cut to 4 layers, withou
 
 Both sides decode greedily and never stop early; the time covers prefill and decode (the whole `generate`
 call), tokens/s = batch * new tokens / seconds. transformers keeps MLA's latent in its cache but re-expands
-K and V through kv_b_proj at every step (REFERENCE §8); ours runs the absorbed path over the latent cache and
-samples the whole batch with a few tensor ops. The fraction of identical greedy tokens is printed as a check
+K and V through kv_b_proj at every step (REFERENCE §8); ours decodes through the lean step over the latent
+cache (nanoseek/infer/lean.py: W_UK / W_UV folded, MQA over [c_kv ; k_rope]; `--reference-decode` runs the
+model's own absorbed forward instead) and samples the whole batch with a few tensor ops. The fraction of identical greedy tokens is printed as a check
 that both compute the same model (a near-tie may flip a token and everything after it, so it need not be 1).
 Timing: interleaved rounds (ours, transformers, ours, ...), median and best round reported; see common.py.
 
@@ -85,7 +86,7 @@ def compare(hf, ours, B: int, args) -> tuple[float, float, float]:
     """Time both at batch B; print one table row; return (ours tok/s, transformers tok/s, ratio), medians."""
     gen = torch.Generator().manual_seed(B)
     prompts = torch.randint(0, ours.cfg.vocab_size, (B, args.prompt), generator=gen)
-    engine = Engine(ours, max_batch=B, max_len=args.prompt + args.new)
+    engine = Engine(ours, max_batch=B, max_len=args.prompt + args.new, lean=not args.reference_decode)
     params = SamplingParams(max_tokens=args.new, temperature=0, ignore_eos=True)
     got: dict[str, torch.Tensor] = {}
 
@@ -136,6 +137,11 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     add_decode_threads_arg(ap)
+    ap.add_argument(
+        "--reference-decode",
+        action="store_true",
+        help="our engine decodes with the model's own forward instead of the lean step (nanoseek/infer/lean.py)",
+    )
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -149,7 +155,9 @@ def main() -> None:
         hf = build_checkpoint(Path(tmp))
         ours = nanoseek.load(tmp)
     n_params = sum(p.numel() for p in ours.parameters())
-    print(f"  model: {n_params / 1e6:.1f}M params, prompt {args.prompt} + {args.new} new tokens\n")
+    path = "the model's forward (--reference-decode)" if args.reference_decode else "the lean step"
+    print(f"  model: {n_params / 1e6:.1f}M params, prompt {args.prompt} + {args.new} new tokens")
+    print(f"  our decode path: {path}\n")
     print(f"{'batch':>5} | {'ours tok/s':>16} | {'transformers tok/s':>18} | {'speedup':>14} | same tokens")
     print(f"{'':>5} | {'median (best)':>16} | {'median (best)':>18} | {'median (best)':>14} |")
     results = {B: compare(hf, ours, B, args) for B in [int(b) for b in args.batches.split(",")]}

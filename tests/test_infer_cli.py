@@ -40,6 +40,14 @@ def test_generate_speculative_gives_the_same_greedy_text(model_dir, capsys):
     assert spec["tokens"] == plain["tokens"] and 0 <= spec["speculative"]["acceptance_rate"] <= 1
 
 
+def test_generate_reference_decode_gives_the_same_greedy_text(model_dir, capsys):
+    args = ["generate", "--model", model_dir, "--prompt", "To be", "--max-tokens", "9", "--temperature", "0"]
+    main([*args, "--json", "--max-len", "64"])
+    lean = json.loads(capsys.readouterr().out)
+    main([*args, "--json", "--max-len", "64", "--reference-decode"])
+    assert json.loads(capsys.readouterr().out)["tokens"] == lean["tokens"]
+
+
 def test_generate_errors_are_one_line(model_dir, capsys):
     assert (
         main(["generate", "--model", model_dir, "--prompt", "x", "--max-tokens", "500", "--max-len", "64"])

@@ -34,6 +34,12 @@ def _engine_flags(p) -> None:
     p.add_argument(
         "--speculative", action="store_true", help="MTP speculative decoding (same output, fewer steps)"
     )
+    p.add_argument(
+        "--reference-decode",
+        action="store_true",
+        help="decode with the model's own forward instead of the lean step (nanoseek/infer/lean.py): same "
+        "output, slower; for checking",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
@@ -78,7 +84,14 @@ def _load(args, max_batch: int = 1):
     from nanoseek.infer.engine import Engine, load
 
     model, tok = load(args.model, device=args.device)
-    engine = Engine(model, tok, max_batch=max_batch, max_len=args.max_len, speculative=args.speculative)
+    engine = Engine(
+        model,
+        tok,
+        max_batch=max_batch,
+        max_len=args.max_len,
+        speculative=args.speculative,
+        lean=not args.reference_decode,
+    )
     return engine, tok
 
 
@@ -261,6 +274,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_len=args.max_len,
         speculative=args.speculative,
+        lean=not args.reference_decode,
         request_timeout=args.request_timeout,
         device=args.device,
     )

@@ -503,6 +503,7 @@ def serve(
     max_queue: int = 32,
     max_len: int | None = None,
     speculative: bool = False,
+    lean: bool = True,
     request_timeout: float = 600.0,
     device: str = "cpu",
 ) -> None:
@@ -512,7 +513,9 @@ def serve(
     from nanoseek.infer.engine import Engine, load
 
     model, tokenizer = load(model_path, device=device)
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max_len, speculative=speculative)
+    engine = Engine(
+        model, tokenizer, max_batch=max_batch, max_len=max_len, speculative=speculative, lean=lean
+    )
     runner = EngineRunner(engine, max_queue=max_queue).start()
     name = model_name or Path(model_path).resolve().name
     app = create_app(runner, tokenizer, name, api_key=api_key, request_timeout=request_timeout)
