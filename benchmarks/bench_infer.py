@@ -14,6 +14,8 @@ K and V through kv_b_proj at every step (REFERENCE §8); ours decodes through th
 cache (nanoseek/infer/lean.py: W_UK / W_UV folded, MQA over [c_kv ; k_rope]; `--reference-decode` runs the
 model's own absorbed forward instead) and samples the whole batch with a few tensor ops. The fraction of identical greedy tokens is printed as a check
 that both compute the same model (a near-tie may flip a token and everything after it, so it need not be 1).
+A third contender, our engine with the model's own forward (`Engine(lean=False)`), runs in the same rounds; the
+last column is its time over the lean step's (skipped with --reference-decode).
 Timing: interleaved rounds (ours, transformers, ours, ...), median and best round reported; see common.py.
 
 The memory floor: a decode step must read every weight it uses once (fp32). At batch B that is all non-expert
@@ -87,6 +89,7 @@ def compare(hf, ours, B: int, args) -> tuple[float, float, float]:
     gen = torch.Generator().manual_seed(B)
     prompts = torch.randint(0, ours.cfg.vocab_size, (B, args.prompt), generator=gen)
     engine = Engine(ours, max_batch=B, max_len=args.prompt + args.new, lean=not args.reference_decode)
+    reference = Engine(ours, max_batch=B, max_len=args.prompt + args.new, lean=False)
     params = SamplingParams(max_tokens=args.new, temperature=0, ignore_eos=True)
     got: dict[str, torch.Tensor] = {}
 
@@ -94,21 +97,32 @@ def compare(hf, ours, B: int, args) -> tuple[float, float, float]:
         reqs = engine.generate(prompts.tolist(), params)
         got["ours"] = torch.tensor([r.output for r in reqs])
 
+    def run_reference():
+        reference.generate(prompts.tolist(), params)
+
     @torch.inference_mode()
     def run_hf():
         out = hf.generate(prompts, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
         got["hf"] = out[:, args.prompt :]
 
-    times = time_interleaved({"ours": run_ours, "hf": run_hf}, warmup=1, iters=args.rounds)
+    fns = {"ours": run_ours, "hf": run_hf}
+    if not args.reference_decode:
+        fns["reference"] = run_reference
+    times = time_interleaved(fns, warmup=1, iters=args.rounds)
     tokens = B * args.new
     ours_tps = [tokens / t for t in times["ours"]]
     hf_tps = [tokens / t for t in times["hf"]]
     ratio = [a / b for a, b in zip(ours_tps, hf_tps)]  # per round: both saw the same machine state
     same = float((got["ours"] == got["hf"]).float().mean())
+    lean_gain = (
+        ""
+        if args.reference_decode
+        else f" | {statistics.median(t / o for t, o in zip(times['reference'], times['ours'])):.2f}x"
+    )
     print(
         f"{B:>5} | {statistics.median(ours_tps):>7.0f} ({max(ours_tps):>6.0f}) | "
         f"{statistics.median(hf_tps):>9.0f} ({max(hf_tps):>6.0f}) | "
-        f"{statistics.median(ratio):>6.2f}x ({max(ratio):>4.2f}x) | {same:.2f}",
+        f"{statistics.median(ratio):>6.2f}x ({max(ratio):>4.2f}x) | {same:.2f}{lean_gain}",
         flush=True,
     )
     return statistics.median(ours_tps), statistics.median(hf_tps), statistics.median(ratio)
@@ -158,7 +172,10 @@ def main() -> None:
     path = "the model's forward (--reference-decode)" if args.reference_decode else "the lean step"
     print(f"  model: {n_params / 1e6:.1f}M params, prompt {args.prompt} + {args.new} new tokens")
     print(f"  our decode path: {path}\n")
-    print(f"{'batch':>5} | {'ours tok/s':>16} | {'transformers tok/s':>18} | {'speedup':>14} | same tokens")
+    lean_col = "" if args.reference_decode else " | lean step vs our model forward"
+    print(
+        f"{'batch':>5} | {'ours tok/s':>16} | {'transformers tok/s':>18} | {'speedup':>14} | same tokens{lean_col}"
+    )
     print(f"{'':>5} | {'median (best)':>16} | {'median (best)':>18} | {'median (best)':>14} |")
     results = {B: compare(hf, ours, B, args) for B in [int(b) for b in args.batches.split(",")]}
     print_floor(ours, results, args)
