@@ -68,6 +68,17 @@ def test_lean_step_equals_the_model_step(name):
             lengths = [n + S for n in lengths[:rows]] + lengths[rows:]
 
 
+def test_float64_models_take_the_lean_path_too():
+    model = random_model().double()
+    ref_cache, lean_cache = _prefilled(model, [5, 8])
+    ids, pos = torch.tensor([[3], [4]]), torch.tensor([[5], [8]])
+    with torch.inference_mode():
+        ref = model(ids, positions=pos, cache=ref_cache).logits
+        got = LeanDecoder(model).forward(ids, pos, lean_cache)[0]
+    # the model computes RoPE, RMSNorm and the router in fp32 whatever the dtype; the lean step keeps fp64
+    assert got.dtype == torch.float64 and (got - ref).abs().max() <= 1e-6
+
+
 def test_weights_changed_in_place_are_picked_up():
     """An optimizer step (fused AdamW bumps no version counter), load_state_dict and a hand edit + invalidate()."""
     model = random_model()
