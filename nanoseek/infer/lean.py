@@ -179,13 +179,12 @@ class LeanDecoder:
         self._key = None
         self._layers: dict[int, _Layer] = {}
         self._head: torch.Tensor | None = None
-        self._last: tuple | None = None  # (a copy of the positions, their _Step)
         _LIVE.add(self)
         self._refresh()  # fold now: the first decode step should not pay for it
 
     def invalidate(self) -> None:
         """Refold the weights before the next step (call after changing parameters in place by hand)."""
-        self._key = self._last = None
+        self._key = None
 
     # ---- weights -------------------------------------------------------------------------------------------
     def _params_key(self) -> tuple:
@@ -197,7 +196,6 @@ class LeanDecoder:
         key = self._params_key()
         if key != self._key:
             self._layers.clear()
-            self._last = None
             self._key = key
             with torch.no_grad():
                 self._head = _t(self.model.head.weight)
@@ -215,10 +213,6 @@ class LeanDecoder:
     def step_context(self, positions: torch.Tensor) -> _Step:
         """positions [B, S]: where each row's new tokens go (row b's cache already holds 0..positions[b, 0]-1)."""
         self._refresh()
-        last = self._last
-        if last is not None and last[0].shape == positions.shape and torch.equal(last[0], positions):
-            return last[1]  # the MTP block of a speculative step reuses the main model's context
-        positions = positions.clone()  # kept by the step: safe from later in-place changes by the caller
         B, S = positions.shape
         kv_len = int(positions.max()) + 1
         mask = None
@@ -231,12 +225,8 @@ class LeanDecoder:
         rope = self.model.rope
         angles = positions.reshape(-1, 1, 1).to(rope.inv_freq.dtype) * rope.inv_freq  # [B*S, 1, R/2]
         freqs = torch.polar(torch.full_like(angles, rope.attention_factor), angles)
-        if self.model.embed.weight.dtype == torch.float64:
-            freqs = freqs.to(torch.complex128)
         rows = torch.arange(B, device=positions.device).unsqueeze(1)
-        step = _Step(B, S, rows, positions, kv_len, mask, freqs)
-        self._last = (positions, step)
-        return step
+        return _Step(B, S, rows, positions, kv_len, mask, freqs)
 
     def block(self, block: nn.Module, x: torch.Tensor, step: _Step, cache: LatentCache) -> torch.Tensor:
         """One decoder block over x [B*S, d] (rows b*S + s); returns the new residual stream [B*S, d]."""
