@@ -113,14 +113,18 @@ class Gate(nn.Module):
             biased = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(T, -1)
         return biased.topk(self.top_k, dim=-1).indices
 
-    def forward(self, x: torch.Tensor):
-        """x [T, d] -> (indices [T, K], gate weights [T, K] fp32, scores [T, E] fp32)."""
-        scores = self.scores(x)
+    def route(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Affinities [T, E] -> (indices [T, K], gate weights [T, K] fp32)."""
         idx = self.select(scores)
         weights = scores.gather(1, idx)  # unbiased: the bias never reaches a gate weight
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return idx, weights * self.route_scale, scores
+        return idx, weights * self.route_scale
+
+    def forward(self, x: torch.Tensor):
+        """x [T, d] -> (indices [T, K], gate weights [T, K] fp32, scores [T, E] fp32)."""
+        scores = self.scores(x)
+        return *self.route(scores), scores
 
 
 class Experts(nn.Module):
