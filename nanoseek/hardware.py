@@ -1,8 +1,19 @@
-"""Peak FLOP/s for MFU: measured on CPUs, datasheet numbers on GPUs.
+"""CPU/GPU facts the trainer needs: the peak FLOP/s that MFU divides by, the fastest exact fp32 matmul kernel,
+and a glibc allocator setting.
 
-On these shared CPU machines the fp32 matmul rate drifts by +-30% between runs (REFERENCE-measured: 130-155
-GFLOP/s on 2 cores), so MFU on CPU divides by a peak measured in the same process, at start-up. On GPUs the
+Peak: on these shared CPU machines the fp32 matmul rate drifts by +-30% between runs, so MFU on CPU divides by a
+peak measured in the same process, at start-up, with the fastest kernel torch has here (below). On GPUs the
 convention is the dense datasheet peak for the compute dtype.
+
+fp32 matmul kernels on CPU: torch sends fp32 GEMMs to MKL, which on AMD CPUs runs its AVX2 code even where the
+CPU has AVX-512. oneDNN (bundled with torch) picks its kernels by CPU feature and, on an AVX-512 Zen 5, runs fp32
+GEMMs 1.9-2.4x faster at training shapes (2048 x 256 x 128 ... 512 x 256 x 8192), 1.1-1.7x at 96-192-row expert
+shapes, and 2-6x *slower* at 1-8 rows (a decode step's GEMVs). `fast_matmul()` routes fp32 matmuls to oneDNN
+inside a block, and the trainer wraps its forward/backward in it. The switch is torch's
+`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`, which *allows* oneDNN to compute in bf16: on a CPU with
+a bf16 matrix unit (AMX) that would lose precision, so it is used only where a probe shows oneDNN's results are
+exactly fp32's (`onednn_matmul_is_exact`) and faster (`fast_matmul_available`). NANOSEEK_ONEDNN_MATMUL=0 turns
+it off, =1 skips the speed check (never the exactness check).
 """
 
 from __future__ import annotations
@@ -11,6 +22,8 @@ import ctypes
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -48,7 +61,107 @@ def peak_flops(device: torch.device, precision: str = "fp32") -> tuple[float, st
             if key in name:
                 return peaks.get(precision, peaks["bf16"]) * 1e12, f"{key} datasheet {precision}"
         return measure_matmul_flops(4096, 0.5, torch.bfloat16, device), f"measured bf16 matmul on {name}"
-    return measure_matmul_flops(), f"measured fp32 matmul, {torch.get_num_threads()} threads"
+    mkl = measure_matmul_flops()
+    if not fast_matmul_available():
+        return mkl, f"measured fp32 matmul, {torch.get_num_threads()} threads"
+    with fast_matmul():
+        onednn = measure_matmul_flops()
+    return max(mkl, onednn), (
+        f"measured fp32 matmul, {torch.get_num_threads()} threads, the faster of {_blas()} ({mkl / 1e9:.0f} "
+        f"GFLOP/s) and oneDNN ({onednn / 1e9:.0f} GFLOP/s)"
+    )
+
+
+# ---- the fp32 matmul kernel on CPU -----------------------------------------------------------------------
+def _blas() -> str:
+    return "MKL" if torch.backends.mkl.is_available() else "the default BLAS"
+
+
+_FAST_MATMUL: bool | None = None  # the probe's answer, once per process
+
+
+def _set_onednn(on: bool) -> str:
+    """Route fp32 CPU matmuls to oneDNN (on) or to torch's default BLAS (off); returns the previous setting."""
+    prev = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16" if on else "none"
+    return prev
+
+
+def _onednn_switch_exists() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(
+        getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"
+    )
+
+
+def onednn_matmul_is_exact(matmul=torch.mm) -> bool:
+    """Whether `matmul` under the oneDNN switch computes in fp32, not bf16.
+
+    1 + 2^-10 is exact in fp32 and rounds to 1 in bf16 (8 significant bits), and 512 of them sum exactly in fp32:
+    an fp32 GEMM gives 512.5, a bf16 one 512. A random product is also checked against fp64."""
+    if not _onednn_switch_exists():
+        return False
+    prev = _set_onednn(True)
+    try:
+        ones = matmul(torch.full((16, 512), 1 + 2**-10), torch.ones(512, 16))
+        gen = torch.Generator().manual_seed(0)
+        a, b = torch.randn(64, 256, generator=gen), torch.randn(256, 96, generator=gen)
+        got = matmul(a, b).double()
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = prev
+    want = a.double() @ b.double()
+    err = float((got - want).abs().max() / want.abs().max())
+    return bool((ones == 512.5).all()) and err < 1e-5
+
+
+def _time_matmul(a: torch.Tensor, b: torch.Tensor, reps: int = 5) -> float:
+    torch.mm(a, b)  # warm-up (oneDNN creates its kernel on first use)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def fast_matmul_available() -> bool:
+    """Whether `fast_matmul()` switches kernels here: oneDNN exact and >= 1.2x MKL at a training shape (probed once)."""
+    global _FAST_MATMUL
+    if _FAST_MATMUL is None:
+        env = os.environ.get("NANOSEEK_ONEDNN_MATMUL", "")
+        if env == "0" or not onednn_matmul_is_exact():
+            _FAST_MATMUL = False
+        elif env == "1":
+            _FAST_MATMUL = True
+        else:
+            a, b = torch.randn(1024, 256), torch.randn(256, 512)
+            mkl = _time_matmul(a, b)
+            prev = _set_onednn(True)
+            try:
+                onednn = _time_matmul(a, b)
+            finally:
+                torch.backends.mkldnn.matmul.fp32_precision = prev
+            _FAST_MATMUL = mkl >= 1.2 * onednn
+    return _FAST_MATMUL
+
+
+@contextmanager
+def fast_matmul(enabled: bool | None = None) -> Iterator[None]:
+    """fp32 CPU matmuls inside the block run on oneDNN where that is exact and faster (module docstring).
+
+    For training steps and other many-row GEMMs; never around a decode step (oneDNN is slower at 1-8 rows).
+    enabled=None asks `fast_matmul_available()`; True forces the switch (only if it is exact)."""
+    if enabled is None:
+        enabled = fast_matmul_available()
+    elif enabled:
+        enabled = onednn_matmul_is_exact()
+    if not enabled:
+        yield
+        return
+    prev = _set_onednn(True)
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = prev
 
 
 # glibc mallopt parameters (malloc.h)

@@ -3,6 +3,7 @@ import sys
 import pytest
 import torch
 
+from nanoseek import hardware
 from nanoseek.hardware import measure_matmul_flops, tune_allocator
 
 
@@ -36,3 +37,77 @@ def test_tuned_allocator_reuses_freed_memory():
 
 def test_measured_peak_is_positive():
     assert measure_matmul_flops(128, 0.01) > 0
+
+
+# ---- the fp32 matmul kernel switch (hardware.fast_matmul) ----------------------------------------------
+def _switch_exists() -> bool:
+    return hardware._onednn_switch_exists()
+
+
+def test_exactness_probe_catches_a_bf16_matmul():
+    if not _switch_exists():
+        pytest.skip("this torch has no oneDNN fp32 matmul switch")
+
+    def bf16_matmul(a, b):  # what a bf16 matrix unit would compute
+        return a.bfloat16().float() @ b.bfloat16().float()
+
+    def fp32_matmul(a, b):
+        return (a.double() @ b.double()).float()
+
+    assert not hardware.onednn_matmul_is_exact(bf16_matmul)
+    assert hardware.onednn_matmul_is_exact(fp32_matmul)
+
+
+def test_fast_matmul_restores_the_setting_even_on_error():
+    if not _switch_exists():
+        pytest.skip("this torch has no oneDNN fp32 matmul switch")
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with pytest.raises(RuntimeError), hardware.fast_matmul(True):
+        raise RuntimeError("boom")
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
+def test_env_turns_fast_matmul_off(monkeypatch):
+    monkeypatch.setattr(hardware, "_FAST_MATMUL", None)
+    monkeypatch.setenv("NANOSEEK_ONEDNN_MATMUL", "0")
+    assert hardware.fast_matmul_available() is False
+    before = torch.backends.mkldnn.matmul.fp32_precision if _switch_exists() else None
+    with hardware.fast_matmul():
+        if before is not None:
+            assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
+def test_training_step_under_fast_matmul_matches_the_default():
+    """Same loss and gradients, to fp32 rounding, with the step's GEMMs on oneDNN (where it is exact here)."""
+    if not (_switch_exists() and hardware.onednn_matmul_is_exact()):
+        pytest.skip("oneDNN's fp32 matmul is not exact fp32 on this CPU: the switch is never used here")
+    from nanoseek.config import get_preset
+    from nanoseek.model import Transformer
+
+    cfg = get_preset("tiny")
+    model = Transformer(cfg, seed=0).train()
+    x = torch.randint(0, cfg.vocab_size, (2, 33))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(x[:, :-1], targets=x[:, 1:], logits=False)
+        out.loss.backward()
+        return out.loss.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
+
+    loss0, grads0 = step()
+    with hardware.fast_matmul(True):
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"  # the switch is on inside the block
+        loss1, grads1 = step()
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    assert grads1.keys() == grads0.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_cpu_peak_names_its_kernels():
+    peak, source = hardware.peak_flops(torch.device("cpu"))
+    assert peak > 0 and "measured fp32 matmul" in source
+    if hardware.fast_matmul_available():
+        assert "oneDNN" in source

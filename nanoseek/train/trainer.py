@@ -33,7 +33,7 @@ from tqdm import tqdm
 from nanoseek.accounting import count_flops
 from nanoseek.config import ModelConfig
 from nanoseek.fp8 import convert_to_fp8
-from nanoseek.hardware import peak_flops
+from nanoseek.hardware import fast_matmul, peak_flops
 from nanoseek.model import Transformer
 from nanoseek.train.checkpoint import (
     CheckpointError,
@@ -199,6 +199,9 @@ class Trainer:
             else (lambda: nullcontext())
         )
         self.precision = "fp8" if cfg.precision == "fp8" else "bf16" if use_bf16 else "fp32"
+        # fp32 on a CPU: the step's GEMMs on oneDNN where it is exact and faster than MKL (hardware.fast_matmul;
+        # 1.3x tokens/s for `small` on an AVX-512 Zen 5).
+        self.kernels = fast_matmul if self.device.type == "cpu" and self.precision == "fp32" else nullcontext
         torch.manual_seed(cfg.seed)
         self.model = Transformer(model_cfg, seed=cfg.seed).to(self.device)
         if cfg.precision == "fp8":
@@ -289,7 +292,10 @@ class Trainer:
             x, y = next(self.loader)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = i == cfg.grad_accum - 1
-            with self.parallel.gradient_sync(self.forward, last) if self.parallel else nullcontext():
+            with (
+                self.parallel.gradient_sync(self.forward, last) if self.parallel else nullcontext(),
+                self.kernels(),
+            ):
                 with self.autocast():
                     # logits=False: the fused chunked head + cross-entropy (model/head_loss.py); no [B, T, V].
                     out = self.forward(x, targets=y, logits=False)
@@ -347,7 +353,8 @@ class Trainer:
     def run_eval(self) -> dict[str, Any]:
         if self.val_batches_fn is None:
             return {}
-        loss = evaluate(self.model, self.val_batches_fn(), self.autocast)
+        with self.kernels():
+            loss = evaluate(self.model, self.val_batches_fn(), self.autocast)
         rec = {
             "step": self.step,
             "event": "eval",
