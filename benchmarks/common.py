@@ -1,7 +1,9 @@
 """Helpers shared by the benchmarks: machine info, the fp32 matmul peak, interleaved timing.
 
 The CPU machines these run on are shared and drift by +-30% between (and within) runs, so:
-- the matmul peak that MFU figures divide by is measured in the same process, before and after the timings;
+- the matmul peak that MFU figures divide by is measured in the same process, before and after the timings, with
+  the fastest exact fp32 kernel torch has on the machine (`matmul_peak`: MKL, or oneDNN where hardware.fast_matmul
+  is available, ~2.3x MKL on an AVX-512 Zen 5);
 - the contenders of one comparison are timed in interleaved rounds (A B C, A B C, ...), so a slow spell hits all
   of them, and both the median and the best round are reported (noise only ever adds time);
 - the 1-minute load average is printed, because other jobs on the machine are the largest source of noise;
@@ -19,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from nanoseek.hardware import tune_allocator
+from nanoseek.hardware import fast_matmul, fast_matmul_available, tune_allocator
 
 ALLOCATOR = tune_allocator()
 
@@ -44,6 +46,9 @@ def machine_info() -> dict[str, str]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "allocator": ALLOCATOR,
+        "fp32 GEMMs of training": "oneDNN (exact here and faster than MKL)"
+        if fast_matmul_available()
+        else "MKL / default BLAS",
         "load avg (1 min) at start": f"{load:.2f}",
     }
 
@@ -51,6 +56,18 @@ def machine_info() -> dict[str, str]:
 def print_machine_info() -> None:
     for key, value in machine_info().items():
         print(f"  {key:26s} {value}")
+
+
+def matmul_peak(m: int, k: int, n: int, min_seconds: float = 0.5) -> tuple[float, str]:
+    """(GFLOP/s of `[m, k] @ [k, n]` with the faster of the default BLAS and oneDNN, what each gave)."""
+    default = matmul_gflops(m, k, n, min_seconds)
+    if not fast_matmul_available():
+        return default, f"{default:.0f} GFLOP/s (default BLAS)"
+    with fast_matmul():
+        onednn = matmul_gflops(m, k, n, min_seconds)
+    return max(
+        default, onednn
+    ), f"{max(default, onednn):.0f} GFLOP/s (MKL {default:.0f}, oneDNN {onednn:.0f})"
 
 
 def matmul_gflops(m: int, k: int, n: int, min_seconds: float = 0.5) -> float:
