@@ -12,8 +12,9 @@ shapes, and 2-6x *slower* at 1-8 rows (a decode step's GEMVs). `fast_matmul()` r
 inside a block, and the trainer wraps its forward/backward in it. The switch is torch's
 `torch.backends.mkldnn.matmul.fp32_precision = "bf16"`, which *allows* oneDNN to compute in bf16: on a CPU with
 a bf16 matrix unit (AMX) that would lose precision, so it is used only where a probe shows oneDNN's results are
-exactly fp32's (`onednn_matmul_is_exact`) and faster (`fast_matmul_available`). NANOSEEK_ONEDNN_MATMUL=0 turns
-it off, =1 skips the speed check (never the exactness check).
+exactly fp32's (`onednn_matmul_is_exact`), and only on AMD CPUs with AVX-512 (`fast_matmul_available`): the
+choice must not depend on a timing, or a resumed run could pick other kernels and lose bit-reproducibility.
+NANOSEEK_ONEDNN_MATMUL=0 turns it off, =1 turns it on elsewhere too (never without the exactness check).
 """
 
 from __future__ import annotations
@@ -113,18 +114,24 @@ def onednn_matmul_is_exact(matmul=torch.mm) -> bool:
     return bool((ones == 512.5).all()) and err < 1e-5
 
 
-def _time_matmul(a: torch.Tensor, b: torch.Tensor, reps: int = 5) -> float:
-    torch.mm(a, b)  # warm-up (oneDNN creates its kernel on first use)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return best
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def fast_matmul_available() -> bool:
-    """Whether `fast_matmul()` switches kernels here: oneDNN exact and >= 1.2x MKL at a training shape (probed once)."""
+    """Whether `fast_matmul()` switches kernels here (decided once per process).
+
+    Yes on an AMD CPU with AVX-512, where MKL runs its AVX2 code and oneDNN its AVX-512 kernels, if oneDNN's
+    results are exactly fp32's. The rule reads the CPU, not a timing, so every process on a machine (a resumed
+    run, each data-parallel rank) picks the same kernels and stays bit-reproducible. On Intel CPUs MKL already
+    uses AVX-512. NANOSEEK_ONEDNN_MATMUL=1 / 0 forces the switch on (still only if exact) / off."""
     global _FAST_MATMUL
     if _FAST_MATMUL is None:
         env = os.environ.get("NANOSEEK_ONEDNN_MATMUL", "")
@@ -133,14 +140,8 @@ def fast_matmul_available() -> bool:
         elif env == "1":
             _FAST_MATMUL = True
         else:
-            a, b = torch.randn(1024, 256), torch.randn(256, 512)
-            mkl = _time_matmul(a, b)
-            prev = _set_onednn(True)
-            try:
-                onednn = _time_matmul(a, b)
-            finally:
-                torch.backends.mkldnn.matmul.fp32_precision = prev
-            _FAST_MATMUL = mkl >= 1.2 * onednn
+            avx512 = "AVX512" in torch.backends.cpu.get_cpu_capability()
+            _FAST_MATMUL = avx512 and _cpu_vendor() == "AuthenticAMD"
     return _FAST_MATMUL
 
 

@@ -111,3 +111,19 @@ def test_cpu_peak_names_its_kernels():
     assert peak > 0 and "measured fp32 matmul" in source
     if hardware.fast_matmul_available():
         assert "oneDNN" in source
+
+
+def test_kernel_choice_reads_the_cpu_not_a_timing(monkeypatch):
+    """Every process on a machine must pick the same kernels (bit-identical resume, data-parallel ranks)."""
+    if not (_switch_exists() and hardware.onednn_matmul_is_exact()):
+        pytest.skip("oneDNN's fp32 matmul is not exact fp32 on this CPU")
+    monkeypatch.delenv("NANOSEEK_ONEDNN_MATMUL", raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    for vendor, want in (("AuthenticAMD", True), ("GenuineIntel", False)):
+        monkeypatch.setattr(hardware, "_FAST_MATMUL", None)
+        monkeypatch.setattr(hardware, "_cpu_vendor", lambda v=vendor: v)
+        assert hardware.fast_matmul_available() is want
+    monkeypatch.setattr(hardware, "_FAST_MATMUL", None)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(hardware, "_cpu_vendor", lambda: "AuthenticAMD")
+    assert hardware.fast_matmul_available() is False
