@@ -200,7 +200,7 @@ class Trainer:
         )
         self.precision = "fp8" if cfg.precision == "fp8" else "bf16" if use_bf16 else "fp32"
         # fp32 on a CPU: the step's GEMMs on oneDNN where it is exact and faster than MKL (hardware.fast_matmul;
-        # 1.3x tokens/s for `small` on an AVX-512 Zen 5).
+        # 1.1-1.3x tokens/s for `small` on an AVX-512 Zen 5, BENCHMARKS.md).
         self.kernels = fast_matmul if self.device.type == "cpu" and self.precision == "fp32" else nullcontext
         torch.manual_seed(cfg.seed)
         self.model = Transformer(model_cfg, seed=cfg.seed).to(self.device)
