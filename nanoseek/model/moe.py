@@ -58,6 +58,13 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return False
 
 
+@torch.compiler.disable
+def _grouped_mm_not_traced(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm outside torch.compile's graph: its fake-tensor rule accepts only bf16, so tracing an fp32
+    call fails (`nanoseek train --compile` on a CPU); eager it runs fine."""
+    return torch._grouped_mm(x, w, offs=offs)
+
+
 def grouped_linear(
     x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor
 ) -> torch.Tensor:
@@ -70,7 +77,8 @@ def grouped_linear(
         # from the norm; the master weights are fp32).
         x = x.to(torch.get_autocast_dtype("cuda"))
     if _grouped_mm_ok(x, w) and (x.shape[0] >= w.shape[0] or x.device.type != "cpu"):
-        return torch._grouped_mm(x, w.to(x.dtype).transpose(-2, -1), offs=offs)
+        mm = torch._grouped_mm if x.dtype == torch.bfloat16 else _grouped_mm_not_traced
+        return mm(x, w.to(x.dtype).transpose(-2, -1), offs=offs)
     sizes = counts.tolist()
     if not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
         # Inference (a decode step): view only the experts that got rows; unbind would make E views of w.
