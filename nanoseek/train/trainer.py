@@ -33,7 +33,7 @@ from tqdm import tqdm
 from nanoseek.accounting import count_flops
 from nanoseek.config import ModelConfig
 from nanoseek.fp8 import convert_to_fp8
-from nanoseek.hardware import fast_matmul, peak_flops
+from nanoseek.hardware import fast_matmul, fast_matmul_available, peak_flops
 from nanoseek.model import Transformer
 from nanoseek.train.checkpoint import (
     CheckpointError,
@@ -274,6 +274,9 @@ class Trainer:
         self.log(f"resumed from {ckpt} (step {self.step}, {self.tokens_seen:,} tokens)")
         return True
 
+    def _kernels_note(self) -> str:
+        return " (GEMMs on oneDNN)" if self.kernels is fast_matmul and fast_matmul_available() else ""
+
     def _metrics(self, record: dict[str, Any]) -> None:
         if self.parallel is not None and not self.parallel.is_main:
             return
@@ -377,8 +380,8 @@ class Trainer:
         n_params = self.parallel.num_params(self.model) if self.parallel else self.model.num_params()
         self.log(
             f"training {self.model_cfg.name}: {n_params:,} params, {cfg.steps} steps x "
-            f"{cfg.tokens_per_step:,} tokens, {self.precision} on {self.device}; MFU peak {self.peak / 1e9:.0f} "
-            f"GFLOP/s ({self.peak_source})"
+            f"{cfg.tokens_per_step:,} tokens, {self.precision} on {self.device}{self._kernels_note()}; MFU peak "
+            f"{self.peak / 1e9:.0f} GFLOP/s ({self.peak_source})"
         )
         last_eval: dict[str, Any] = {}
         status = "finished"
