@@ -127,3 +127,15 @@ def test_kernel_choice_reads_the_cpu_not_a_timing(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     monkeypatch.setattr(hardware, "_cpu_vendor", lambda: "AuthenticAMD")
     assert hardware.fast_matmul_available() is False
+
+
+def test_probe_says_no_where_the_switch_is_refused():
+    if not _switch_exists():
+        pytest.skip("this torch has no oneDNN fp32 matmul switch")
+
+    def refused(a, b):
+        raise RuntimeError("bf16 matmul is not supported on this CPU")
+
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    assert hardware.onednn_matmul_is_exact(refused) is False
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
