@@ -9,7 +9,8 @@ fp32 matmul kernels on CPU: torch sends fp32 GEMMs to MKL, which on AMD CPUs run
 CPU has AVX-512. oneDNN (bundled with torch) picks its kernels by CPU feature and, on an AVX-512 Zen 5, runs fp32
 GEMMs 1.9-2.4x faster at training shapes (2048 x 256 x 128 ... 512 x 256 x 8192), 1.1-1.7x at 96-192-row expert
 shapes, and 2-6x *slower* at 1-8 rows (a decode step's GEMVs). `fast_matmul()` routes fp32 matmuls to oneDNN
-inside a block, and the trainer wraps its forward/backward in it. The switch is torch's
+inside a block, and the trainer wraps its forward/backward in it (not GRPO's update: oneDNN pays ~250 us for
+each new GEMM shape, and GRPO's micro-batch shapes change every step). The switch is torch's
 `torch.backends.mkldnn.matmul.fp32_precision = "bf16"`, which *allows* oneDNN to compute in bf16: on a CPU with
 a bf16 matrix unit (AMX) that would lose precision, so it is used only where a probe shows oneDNN's results are
 exactly fp32's (`onednn_matmul_is_exact`), and only on AMD CPUs with AVX-512 (`fast_matmul_available`): the
@@ -152,7 +153,8 @@ def fast_matmul_available() -> bool:
 def fast_matmul(enabled: bool | None = None) -> Iterator[None]:
     """fp32 CPU matmuls inside the block run on oneDNN where that is exact and faster (module docstring).
 
-    For training steps and other many-row GEMMs; never around a decode step (oneDNN is slower at 1-8 rows).
+    For training steps and other many-row GEMMs whose shapes repeat; never around a decode step (oneDNN is
+    slower at 1-8 rows).
     enabled=None asks `fast_matmul_available()`; True forces the switch (only if it is exact)."""
     if enabled is None:
         enabled = fast_matmul_available()
