@@ -170,6 +170,19 @@ def fast_matmul(enabled: bool | None = None) -> Iterator[None]:
         torch.backends.mkldnn.matmul.fp32_precision = prev
 
 
+@contextmanager
+def default_matmul() -> Iterator[None]:
+    """fp32 CPU matmuls inside the block on torch's default BLAS, even inside `fast_matmul()` (few-row GEMMs)."""
+    if not _onednn_switch_exists() or torch.backends.mkldnn.matmul.fp32_precision == "none":
+        yield
+        return
+    prev = _set_onednn(False)
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = prev
+
+
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 

@@ -139,3 +139,12 @@ def test_probe_says_no_where_the_switch_is_refused():
     before = torch.backends.mkldnn.matmul.fp32_precision
     assert hardware.onednn_matmul_is_exact(refused) is False
     assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
+def test_default_matmul_turns_the_switch_off_inside_fast_matmul():
+    if not (_switch_exists() and hardware.onednn_matmul_is_exact()):
+        pytest.skip("oneDNN's fp32 matmul is not exact fp32 on this CPU")
+    with hardware.fast_matmul(True):
+        with hardware.default_matmul():
+            assert torch.backends.mkldnn.matmul.fp32_precision == "none"
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
