@@ -302,10 +302,11 @@ class LeanDecoder:
         kv_new = torch.cat([F.rms_norm(kv[:, :r], (r,), lw.kv_norm, lw.eps), kv[:, r:]], dim=-1)
         cache.kv[step.rows, step.positions] = kv_new.view(B, S, r + R)
         keys = cache.kv[:B, : step.kv_len]  # [B, T, r + R]
-        scores = torch.bmm(q.reshape(B, S * H, r + R), keys.transpose(1, 2))  # the scale is folded into q
-        if step.mask is not None:
-            scores.view(B, S, H, -1).add_(step.mask)
-        o_lat = torch.bmm(scores.softmax(dim=-1), keys[..., :r])  # [B, S*H, r]
+        with default_matmul():  # the context grows every step: a new shape each time, which oneDNN pays for
+            scores = torch.bmm(q.reshape(B, S * H, r + R), keys.transpose(1, 2))  # the scale is folded into q
+            if step.mask is not None:
+                scores.view(B, S, H, -1).add_(step.mask)
+            o_lat = torch.bmm(scores.softmax(dim=-1), keys[..., :r])  # [B, S*H, r]
         if lw.fold_o:
             return o_lat.view(M, H * r) @ lw.w_o
         o = torch.bmm(o_lat.view(M, H, r).transpose(0, 1), lw.w_uv)  # [H, M, v]
