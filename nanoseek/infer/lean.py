@@ -26,8 +26,8 @@ logits within 1e-5 of it, token by token) with these changes:
   twice the bandwidth of the training layout's x @ W.t() (the 8 MB head: 0.36 vs 0.73 ms). So the decoder
   holds a copy of the weights (the model's size again); w1|w3 are stacked in it, one GEMM for both.
 - Kernels: where hardware.fast_matmul is available (AMD CPUs with AVX-512), the head runs on oneDNN from 8 rows
-  and every dense matrix from 32 rows; batch-1 steps and the experts' few-row GEMMs stay on MKL, which is faster
-  there (`ONEDNN_HEAD_MIN_ROWS`, `ONEDNN_MIN_ROWS`).
+  and every dense matrix from 32 rows; batch-1 steps, the experts' few-row GEMMs and attention's bmms (a new shape
+  every step as the context grows, which oneDNN pays for) stay on MKL (`ONEDNN_HEAD_MIN_ROWS`, `ONEDNN_MIN_ROWS`).
 - A step with few (token, expert) pairs (batch 1-2) loops over them; each adds its gated expert output into
   its row of the residual stream with one addmm. With more pairs: sort by expert, grouped GEMMs, one index_add.
 
