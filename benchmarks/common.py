@@ -21,20 +21,13 @@ from collections.abc import Callable
 
 import torch
 
-from nanoseek.hardware import fast_matmul, fast_matmul_available, tune_allocator
+from nanoseek.hardware import cpuinfo, fast_matmul, fast_matmul_available, tune_allocator
 
 ALLOCATOR = tune_allocator()
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def machine_info() -> dict[str, str]:
@@ -65,9 +58,8 @@ def matmul_peak(m: int, k: int, n: int, min_seconds: float = 0.5) -> tuple[float
         return default, f"{default:.0f} GFLOP/s (default BLAS)"
     with fast_matmul():
         onednn = matmul_gflops(m, k, n, min_seconds)
-    return max(
-        default, onednn
-    ), f"{max(default, onednn):.0f} GFLOP/s (MKL {default:.0f}, oneDNN {onednn:.0f})"
+    peak = max(default, onednn)
+    return peak, f"{peak:.0f} GFLOP/s (MKL {default:.0f}, oneDNN {onednn:.0f})"
 
 
 def matmul_gflops(m: int, k: int, n: int, min_seconds: float = 0.5) -> float:

@@ -82,11 +82,15 @@ def _blas() -> str:
 _FAST_MATMUL: bool | None = None  # the probe's answer, once per process
 
 
-def _set_onednn(on: bool) -> str:
-    """Route fp32 CPU matmuls to oneDNN (on) or to torch's default BLAS (off); returns the previous setting."""
+@contextmanager
+def _onednn(on: bool) -> Iterator[None]:
+    """fp32 CPU matmuls on oneDNN (on) or torch's default BLAS (off) inside the block; the setting is restored."""
     prev = torch.backends.mkldnn.matmul.fp32_precision
     torch.backends.mkldnn.matmul.fp32_precision = "bf16" if on else "none"
-    return prev
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = prev
 
 
 def _onednn_switch_exists() -> bool:
@@ -102,31 +106,33 @@ def onednn_matmul_is_exact(matmul=torch.mm) -> bool:
     an fp32 GEMM gives 512.5, a bf16 one 512. A random product is also checked against fp64."""
     if not _onednn_switch_exists():
         return False
-    prev = torch.backends.mkldnn.matmul.fp32_precision
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(64, 256, generator=gen), torch.randn(256, 96, generator=gen)
     try:
-        _set_onednn(True)
-        ones = matmul(torch.full((16, 512), 1 + 2**-10), torch.ones(512, 16))
-        got = matmul(a, b).double()
+        with _onednn(True):
+            ones = matmul(torch.full((16, 512), 1 + 2**-10), torch.ones(512, 16))
+            got = matmul(a, b).double()
     except (RuntimeError, ValueError):  # a build or CPU where the switch (or oneDNN's bf16 mode) is refused
         return False
-    finally:
-        torch.backends.mkldnn.matmul.fp32_precision = prev
     want = a.double() @ b.double()
     err = float((got - want).abs().max() / want.abs().max())
     return bool((ones == 512.5).all()) and err < 1e-5
 
 
-def _cpu_vendor() -> str:
+def cpuinfo(field: str) -> str:
+    """The first `field` value of /proc/cpuinfo ("vendor_id", "model name", ...); "" where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def _cpu_vendor() -> str:
+    return cpuinfo("vendor_id")
 
 
 def fast_matmul_available() -> bool:
@@ -163,11 +169,8 @@ def fast_matmul(enabled: bool | None = None) -> Iterator[None]:
     if not enabled:
         yield
         return
-    prev = _set_onednn(True)
-    try:
+    with _onednn(True):
         yield
-    finally:
-        torch.backends.mkldnn.matmul.fp32_precision = prev
 
 
 @contextmanager
@@ -176,11 +179,8 @@ def default_matmul() -> Iterator[None]:
     if not _onednn_switch_exists() or torch.backends.mkldnn.matmul.fp32_precision == "none":
         yield
         return
-    prev = _set_onednn(False)
-    try:
+    with _onednn(False):
         yield
-    finally:
-        torch.backends.mkldnn.matmul.fp32_precision = prev
 
 
 # glibc mallopt parameters (malloc.h)
