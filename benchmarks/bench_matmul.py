@@ -9,6 +9,12 @@ trainer runs its steps inside it. This script shows where that pays: every shape
 x W^T and the two backward GEMMs), median time per call under each kernel, and the ratio (MKL time / oneDNN time,
 so > 1 means oneDNN is faster). Rows: training GEMMs of the `small` preset at 8 x 256 tokens (projections, the
 head's 512-row blocks), the routed experts' per-expert GEMMs (~96-192 rows), and decode-sized ones (1-32 rows).
+
+A second table is the decode step's case (one thread, as bench_infer): fixed weights, a few rows. It times x @ W
+on MKL with W stored [in, out] (the lean step's layout), oneDNN through the switch (which reorders W into its
+blocked layout on every call), and oneDNN with W reordered once (`hardware.PackedWeight`, what the lean step uses
+from 4 rows, and for the head from 1). Each call reads a different copy of W, ~32 MB of them in turn, as a
+decode step reads weights that are not in cache.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from benchmarks.common import matmul_peak, print_machine_info  # noqa: E402
-from nanoseek.hardware import fast_matmul, onednn_matmul_is_exact  # noqa: E402
+from nanoseek.hardware import PackedWeight, fast_matmul, onednn_matmul_is_exact, packed_is_exact  # noqa: E402
 
 SHAPES = {  # M (rows), K (in), N (out)
     "training (2,048 rows)": [
@@ -38,6 +44,8 @@ SHAPES = {  # M (rows), K (in), N (out)
     "expert (96-192 rows)": [(192, 256, 128), (192, 128, 256), (96, 256, 128)],
     "decode (1-32 rows)": [(32, 256, 8192), (8, 256, 256), (1, 256, 256)],
 }
+DECODE_SHAPES = [(256, 8192), (256, 512), (256, 256), (128, 640)]  # K, N: the head, FFN / attention matrices
+DECODE_ROWS = [1, 2, 4, 8, 32]
 
 
 def median_seconds(fn, reps: int) -> float:
@@ -81,6 +89,41 @@ def main(argv: list[str] | None = None) -> None:
                 cells.append(f"{default * 1e3:.3f} / {onednn * 1e3:.3f} ms = **{default / onednn:.2f}x**")
             print(f"| {group} | {M}, {K}, {N} | " + " | ".join(cells) + " |")
     print("\n(each cell: default BLAS / oneDNN median ms per call = default / oneDNN; > 1: oneDNN is faster)")
+    if packed_is_exact():
+        decode_table(args)
+
+
+def decode_table(args) -> None:
+    torch.set_num_threads(1)
+    print("\nDecode-sized GEMMs, fixed weights, one thread: us per call; MKL time over prepacked oneDNN time")
+    print("\n| K, N | rows | MKL, W [in, out] | oneDNN (switch) | oneDNN prepacked | MKL / prepacked |")
+    print("|---|---|---|---|---|---|")
+    for K, N in DECODE_SHAPES[:1] if args.quick else DECODE_SHAPES:
+        copies = max(2, (32 << 20) // (K * N * 4))  # ~32 MB of weights, read in turn
+        ws = [torch.randn(N, K) for _ in range(copies)]
+        w_in_out = [w.t().contiguous() for w in ws]
+        packed = [PackedWeight(w) for w in ws]
+        for M in DECODE_ROWS[::2] if args.quick else DECODE_ROWS:
+            x = torch.randn(M, K)
+
+            def mkl(x=x, w_in_out=w_in_out):
+                for w in w_in_out:
+                    x @ w
+
+            def prepacked(x=x, packed=packed):
+                for w in packed:
+                    w(x)
+
+            reps = max(3, args.reps // 3)
+            t_mkl, t_packed = median_seconds(mkl, reps), median_seconds(prepacked, reps)
+            with fast_matmul(True):
+                t_switch = median_seconds(mkl, reps)
+            us = [t / copies * 1e6 for t in (t_mkl, t_switch, t_packed)]
+            print(
+                f"| {K}, {N} | {M} | {us[0]:.1f} | {us[1]:.1f} | {us[2]:.1f} | **{t_mkl / t_packed:.2f}x** |",
+                flush=True,
+            )
+    torch.set_num_threads(args.threads)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,10 @@ def _cpu_vendor() -> str:
     return cpuinfo("vendor_id")
 
 
+def _amd_avx512() -> bool:
+    return "AVX512" in torch.backends.cpu.get_cpu_capability() and _cpu_vendor() == "AuthenticAMD"
+
+
 def fast_matmul_available() -> bool:
     """Whether `fast_matmul()` switches kernels here (decided once per process).
 
@@ -150,8 +154,7 @@ def fast_matmul_available() -> bool:
         elif env == "1":
             _FAST_MATMUL = True
         else:
-            avx512 = "AVX512" in torch.backends.cpu.get_cpu_capability()
-            _FAST_MATMUL = avx512 and _cpu_vendor() == "AuthenticAMD"
+            _FAST_MATMUL = _amd_avx512()
     return _FAST_MATMUL
 
 
@@ -181,6 +184,60 @@ def default_matmul() -> Iterator[None]:
         return
     with _onednn(False):
         yield
+
+
+# ---- prepacked weights (decode) -------------------------------------------------------------------------
+_PACKED: bool | None = None
+
+
+def _pack(w: torch.Tensor, rows_hint: int) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows_hint)
+
+
+def _packed_mm(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")
+
+
+def packed_is_exact(pack=_pack, mm=_packed_mm) -> bool:
+    """Whether oneDNN's prepacked linear computes in fp32 (the probe of `onednn_matmul_is_exact`)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 256, generator=gen), torch.randn(96, 256, generator=gen)
+    try:
+        ones = mm(torch.full((16, 512), 1 + 2**-10), pack(torch.ones(16, 512), 16))
+        got = mm(a, pack(b, 64)).double()
+    except (RuntimeError, AttributeError, NotImplementedError):  # no such ops in this torch, or no oneDNN
+        return False
+    want = a.double() @ b.double().t()
+    err = float((got - want).abs().max() / want.abs().max())
+    return bool((ones == 512.5).all()) and err < 1e-5
+
+
+def packed_weights_available() -> bool:
+    """Whether `PackedWeight` is used here (decided once per process): on the CPUs of `fast_matmul_available`, if
+    the ops exist and are exact. NANOSEEK_ONEDNN_MATMUL=0 / 1 turns them off / on as it does the switch."""
+    global _PACKED
+    if _PACKED is None:
+        env = os.environ.get("NANOSEEK_ONEDNN_MATMUL", "")
+        on = env == "1" or (env != "0" and _amd_avx512())
+        _PACKED = on and torch.backends.mkldnn.is_available() and packed_is_exact()
+    return _PACKED
+
+
+class PackedWeight:
+    """A fixed fp32 weight reordered once into oneDNN's blocked layout, for y = x W^T (a decode step's matrices).
+
+    A plain-layout oneDNN GEMM reorders the weight on every call, which is why it loses to MKL at a few rows
+    (module docstring). Reordered once, the same kernels win from 1 row for the 8 MB head (0.22 vs 0.30 ms, one
+    thread) and from about 4 rows for 128-512 KB matrices (at 32 rows: the head 0.8 vs 2.0 ms on MKL, 1.4 on
+    plain oneDNN); `benchmarks/bench_matmul.py` times them. Only where `packed_weights_available()`."""
+
+    def __init__(self, w: torch.Tensor, rows_hint: int = 32):
+        self.out_features = w.shape[0]
+        self.w = _pack(w.float(), rows_hint)  # w [out, in]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] -> x W^T [M, out]."""
+        return _packed_mm(x, self.w)
 
 
 # glibc mallopt parameters (malloc.h)

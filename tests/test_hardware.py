@@ -148,3 +148,42 @@ def test_default_matmul_turns_the_switch_off_inside_fast_matmul():
         with hardware.default_matmul():
             assert torch.backends.mkldnn.matmul.fp32_precision == "none"
         assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+
+
+# ---- prepacked weights (hardware.PackedWeight, the decode step's dense matrices) --------------------------
+def test_packed_probe_catches_a_bf16_kernel():
+    def pack(w, rows_hint):
+        return w
+
+    def bf16_mm(x, w):
+        return x.bfloat16().float() @ w.bfloat16().float().t()
+
+    def fp32_mm(x, w):
+        return (x.double() @ w.double().t()).float()
+
+    def refused(x, w):
+        raise RuntimeError("no oneDNN here")
+
+    assert not hardware.packed_is_exact(pack, bf16_mm)
+    assert hardware.packed_is_exact(pack, fp32_mm)
+    assert not hardware.packed_is_exact(pack, refused)
+
+
+def test_packed_weight_computes_x_times_w_transposed():
+    if not hardware.packed_is_exact():
+        pytest.skip("this torch/CPU has no exact prepacked oneDNN linear")
+    w = torch.randn(96, 80)
+    packed = hardware.PackedWeight(w)
+    for rows in (1, 3, 32, 100):  # the layout is chosen for 32 rows; any count works
+        x = torch.randn(rows, 80)
+        torch.testing.assert_close(packed(x), x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_env_turns_packed_weights_off(monkeypatch):
+    monkeypatch.setattr(hardware, "_PACKED", None)
+    monkeypatch.setenv("NANOSEEK_ONEDNN_MATMUL", "0")
+    assert hardware.packed_weights_available() is False
+    monkeypatch.setattr(hardware, "_PACKED", None)
+    monkeypatch.delenv("NANOSEEK_ONEDNN_MATMUL")
+    monkeypatch.setattr(hardware, "_cpu_vendor", lambda: "GenuineIntel")
+    assert hardware.packed_weights_available() is False

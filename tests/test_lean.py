@@ -5,6 +5,7 @@ import torch
 from infer_models import random_model
 
 import nanoseek.infer.lean as lean_module
+from nanoseek import hardware
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.engine import _rows
 from nanoseek.infer.lean import LeanDecoder, supports
@@ -43,8 +44,12 @@ def _prefilled(model, lengths, max_len=48):
     return caches
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["prepacked", "plain"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_lean_step_equals_the_model_step(name):
+def test_lean_step_equals_the_model_step(name, packed, monkeypatch):
+    if packed and not hardware.packed_weights_available():
+        pytest.skip("no prepacked oneDNN weights on this CPU (hardware.packed_weights_available)")
+    monkeypatch.setattr(lean_module, "packed_weights_available", lambda: packed)
     model = random_model(**CONFIGS[name])
     with torch.no_grad():  # a trained-looking routing bias, so it takes part in expert selection
         for moe in model.moe_layers():
@@ -53,12 +58,13 @@ def test_lean_step_equals_the_model_step(name):
             if isinstance(module, RMSNorm):
                 module.weight.uniform_(0.5, 1.5)
     lean = LeanDecoder(model)
+    assert (lean._head.packed is not None) == packed
     lengths = [9, 4, 13]
     ref_cache, lean_cache = _prefilled(model, lengths)
     assert supports(model, lean_cache)
     with torch.inference_mode():
         # batch 3, one token; batch 3, two tokens (speculative verify); batch 1, one token (no mask, expert loop);
-        # 33 rows (the dense GEMMs on oneDNN where hardware.fast_matmul is available, the experts on MKL)
+        # 33 rows. Prepacked: the head at every size, the other matrices from 6 rows.
         for rows, S in [(3, 1), (3, 2), (1, 1), (1, 2), (3, 11)]:
             ids = torch.randint(0, model.cfg.vocab_size, (rows, S))
             pos = torch.tensor(lengths[:rows]).view(rows, 1) + torch.arange(S)

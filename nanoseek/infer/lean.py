@@ -25,9 +25,11 @@ logits within 1e-5 of it, token by token) with these changes:
 - Every matrix in the decode layout, [in, out] contiguous (x @ W): MKL's single-row GEMV streams it at about
   twice the bandwidth of the training layout's x @ W.t() (the 8 MB head: 0.36 vs 0.73 ms). So the decoder
   holds a copy of the weights (the model's size again); w1|w3 are stacked in it, one GEMM for both.
-- Kernels: where hardware.fast_matmul is available (AMD CPUs with AVX-512), the head runs on oneDNN from 8 rows
-  and every dense matrix from 32 rows; batch-1 steps, the experts' few-row GEMMs and attention's bmms (a new shape
-  every step as the context grows, which oneDNN pays for) stay on MKL (`ONEDNN_HEAD_MIN_ROWS`, `ONEDNN_MIN_ROWS`).
+- Kernels: where hardware.packed_weights_available (AMD CPUs with AVX-512, where MKL runs AVX2 code), every
+  dense matrix also gets a copy prepacked for oneDNN's AVX-512 kernels (`hardware.PackedWeight`), used from
+  `PACKED_MIN_ROWS` rows (1.3-2x faster than MKL from 4 rows); the 8 MB head is kept only prepacked (faster from
+  one row: 0.22 vs 0.30 ms). The experts' few-row GEMMs and attention's bmms stay on torch's default BLAS, and the
+  whole step runs outside the trainer's `fast_matmul` switch whoever calls it.
 - A step with few (token, expert) pairs (batch 1-2) loops over them; each adds its gated expert output into
   its row of the residual stream with one addmm. With more pairs: sort by expert, grouped GEMMs, one index_add.
 
@@ -40,7 +42,6 @@ from __future__ import annotations
 
 import math
 import weakref
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from nanoseek.hardware import default_matmul, fast_matmul
+from nanoseek.hardware import PackedWeight, default_matmul, packed_weights_available
 from nanoseek.model.layers import MLP
 from nanoseek.model.mla import LatentCache
 from nanoseek.model.moe import MoE, _grouped_mm_ok
@@ -71,10 +72,9 @@ register_optimizer_step_post_hook(_optimizer_stepped)
 # preset (top-6 of 64): the loop wins at batch 1 and 2 (6-12 pairs), the grouped GEMMs from batch 4 (24).
 PAIR_LOOP_MAX = 16
 MAX_MODEL_BYTES = 2**30  # the decoder copies the weights; bigger models decode through the model's forward
-# Where hardware.fast_matmul is available (AMD CPUs with AVX-512), oneDNN beats MKL for the 8 MB head from 8 rows
-# (1.7x at 8, 2x at 32, one thread) and for every dense matrix from 32 rows; the experts' few-row GEMMs stay on MKL.
-ONEDNN_HEAD_MIN_ROWS = 8
-ONEDNN_MIN_ROWS = 32
+# With prepacked oneDNN weights (hardware.PackedWeight), from this many rows a dense matrix runs on them: at 1-2
+# rows MKL's GEMV is faster for 128-512 KB matrices (9 vs 16 us for 256 x 256), from 4 rows oneDNN (15 vs 19 us).
+PACKED_MIN_ROWS = 4
 
 
 def supports(model, cache) -> bool:
@@ -104,20 +104,47 @@ def _t(w: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
     return w.transpose(-2, -1).contiguous()
 
 
+class _Matrix:
+    """A dense weight w [out, in] (times diag(norm), folded) in its decode forms: [in, out] contiguous for MKL's
+    few-row GEMVs and, where hardware.packed_weights_available, prepacked for oneDNN from `min_rows` rows (with
+    min_rows 1 only the packed copy is kept)."""
+
+    __slots__ = ("t", "packed", "min_rows")
+
+    def __init__(self, w: torch.Tensor, norm: torch.Tensor | None = None, min_rows: int = PACKED_MIN_ROWS):
+        if norm is not None:
+            w = w * norm
+        pack = w.dtype == torch.float32 and packed_weights_available()
+        self.packed = PackedWeight(w) if pack else None
+        self.min_rows = min_rows if pack else 1 << 62
+        self.t = _t(w) if min_rows > 1 or not pack else None
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] @ W -> [M, out]."""
+        return self.packed(x) if x.shape[0] >= self.min_rows else x @ self.t
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> None:
+        """y += alpha * (x @ W), in place."""
+        if x.shape[0] >= self.min_rows:
+            y.add_(self.packed(x), alpha=alpha)
+        else:
+            y.addmm_(x, self.t, alpha=alpha)
+
+
 @dataclass
 class _FFN:
-    """A SwiGLU in the decode layout: w1|w3 stacked [d, 2I], w2 [I, d]."""
+    """A SwiGLU's decode matrices: w1|w3 stacked (one GEMM for both), w2."""
 
-    w13: torch.Tensor
-    w2: torch.Tensor
+    w13: _Matrix
+    w2: _Matrix
 
     @classmethod
     def of(cls, mlp: MLP, norm: torch.Tensor) -> _FFN:
-        return cls(_t(torch.cat([mlp.w1.weight, mlp.w3.weight]), norm), _t(mlp.w2.weight))
+        return cls(_Matrix(torch.cat([mlp.w1.weight, mlp.w3.weight]), norm), _Matrix(mlp.w2.weight))
 
     def add_to(self, x: torch.Tensor, h: torch.Tensor) -> None:
         """x += w2(silu(w1 h) * w3 h), in place."""
-        x.addmm_(_swiglu(h, self.w13), self.w2)
+        self.w2.add_to(x, _swiglu_of(self.w13.mm(h)))
 
 
 class _Layer:
@@ -146,18 +173,19 @@ class _Layer:
         w_q = w_q.reshape(-1, q_in)
         if attn.q_lora_rank:
             self.q_lora = attn.q_lora_rank
-            self.w_in = _t(torch.cat([attn.wq_a.weight, attn.wkv_a.weight]), attn_norm)  # [d, q_lora + r + R]
-            self.w_q = _t(w_q, attn.q_norm.weight)
+            self.w_in = _Matrix(torch.cat([attn.wq_a.weight, attn.wkv_a.weight]), attn_norm)  # q_lora + r + R
+            self.w_q = _Matrix(w_q, attn.q_norm.weight)
         else:
             self.q_lora, self.w_q = 0, None
-            self.w_in = _t(torch.cat([w_q, attn.wkv_a.weight]), attn_norm)  # [d, H*q_width + r + R]
+            self.w_in = _Matrix(torch.cat([w_q, attn.wkv_a.weight]), attn_norm)  # to H*q_width + r + R
         wo = attn.wo.weight  # [d, H*v]
         self.fold_o = _fold(wo.numel() + w_uv.numel(), wo.shape[0] * H * r)
-        if self.fold_o:  # o W_UV then W_O, as one [H*r, d] matrix
-            self.w_o = torch.einsum("dhv,hvr->hrd", wo.view(-1, H, v), w_uv).reshape(H * r, -1).contiguous()
+        if self.fold_o:  # o W_UV then W_O, as one [d, H*r] matrix
+            w_o = torch.einsum("dhv,hvr->dhr", wo.view(-1, H, v), w_uv)
+            self.w_o = _Matrix(w_o.reshape(wo.shape[0], H * r))
             self.w_uv = None
         else:
-            self.w_o, self.w_uv = _t(wo), w_uv.transpose(1, 2)  # [H*v, d], [H, r, v]
+            self.w_o, self.w_uv = _Matrix(wo), w_uv.transpose(1, 2)  # [d, H*v], [H, r, v]
         self.ffn = self.moe = None
         if isinstance(block.ffn, MoE):
             self.moe = block.ffn
@@ -195,7 +223,7 @@ class LeanDecoder:
         self._params = list(model.parameters())  # walking the module tree every step costs ~0.7 ms
         self._key = None
         self._layers: dict[int, _Layer] = {}
-        self._head: torch.Tensor | None = None
+        self._head: _Matrix | None = None
         _LIVE.add(self)
         self._refresh()  # fold now: the first decode step should not pay for it
 
@@ -215,7 +243,7 @@ class LeanDecoder:
             self._layers.clear()
             self._key = key
             with torch.no_grad():
-                self._head = _t(self.model.head.weight)
+                self._head = _Matrix(self.model.head.weight, min_rows=1)  # packed wins from one row
             for block in self.model.layers:  # MTP blocks are folded on first use (speculative decoding only)
                 self._layer(block)
 
@@ -262,12 +290,11 @@ class LeanDecoder:
         B, S = ids.shape
         step = self.step_context(positions)
         x = F.embedding(ids.reshape(-1), model.embed.weight)
-        with _kernels(B * S, ONEDNN_MIN_ROWS):
+        with default_matmul():  # our own kernel choices, even when called inside the trainer's fast_matmul()
             for layer, c in zip(model.layers, cache):
                 x = self.block(layer, x, step, c)
-        h = F.rms_norm(x, x.shape[-1:], model.norm.weight, model.norm.eps)
-        with _kernels(B * S, ONEDNN_HEAD_MIN_ROWS):
-            logits = h @ self._head
+            h = F.rms_norm(x, x.shape[-1:], model.norm.weight, model.norm.eps)
+            logits = self._head.mm(h)
         return logits.view(B, S, -1), h.view(B, S, -1)
 
     def mtp_block(self, module: nn.Module, hidden: torch.Tensor, emb_next: torch.Tensor, positions, cache):
@@ -276,20 +303,23 @@ class LeanDecoder:
         e_n = F.rms_norm(emb_next, (d,), module.enorm.weight, module.enorm.eps)
         h_n = F.rms_norm(hidden, (d,), module.hnorm.weight, module.hnorm.eps)
         x = module.eh_proj(torch.cat([e_n, h_n], dim=-1)).reshape(B * S, d)
-        return self.block(module.block, x, self.step_context(positions), cache).view(B, S, d)
+        with default_matmul():
+            return self.block(module.block, x, self.step_context(positions), cache).view(B, S, d)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The output head over normed hidden states h [..., d] (the MTP drafts' head too)."""
         self._refresh()
-        return h @ self._head
+        d = h.shape[-1]
+        with default_matmul():
+            return self._head.mm(h.reshape(-1, d)).view(*h.shape[:-1], -1)
 
     # ---- pieces --------------------------------------------------------------------------------------------
     def _attention(self, lw: _Layer, x: torch.Tensor, step: _Step, cache: LatentCache) -> torch.Tensor:
         B, S, H, r, R = step.B, step.S, lw.H, lw.r, lw.R
         M = B * S
-        a = x @ lw.w_in
+        a = lw.w_in.mm(x)
         if lw.q_lora:
-            q = _rms(a[:, : lw.q_lora], lw.eps) @ lw.w_q
+            q = lw.w_q.mm(_rms(a[:, : lw.q_lora], lw.eps))
             kv = a[:, lw.q_lora :]
         else:
             q, kv = a[:, : H * lw.q_width], a[:, H * lw.q_width :]
@@ -302,15 +332,14 @@ class LeanDecoder:
         kv_new = torch.cat([F.rms_norm(kv[:, :r], (r,), lw.kv_norm, lw.eps), kv[:, r:]], dim=-1)
         cache.kv[step.rows, step.positions] = kv_new.view(B, S, r + R)
         keys = cache.kv[:B, : step.kv_len]  # [B, T, r + R]
-        with default_matmul():  # the context grows every step: a new shape each time, which oneDNN pays for
-            scores = torch.bmm(q.reshape(B, S * H, r + R), keys.transpose(1, 2))  # the scale is folded into q
-            if step.mask is not None:
-                scores.view(B, S, H, -1).add_(step.mask)
-            o_lat = torch.bmm(scores.softmax(dim=-1), keys[..., :r])  # [B, S*H, r]
+        scores = torch.bmm(q.reshape(B, S * H, r + R), keys.transpose(1, 2))  # the scale is folded into q
+        if step.mask is not None:
+            scores.view(B, S, H, -1).add_(step.mask)
+        o_lat = torch.bmm(scores.softmax(dim=-1), keys[..., :r])  # [B, S*H, r]
         if lw.fold_o:
-            return o_lat.view(M, H * r) @ lw.w_o
+            return lw.w_o.mm(o_lat.view(M, H * r))
         o = torch.bmm(o_lat.view(M, H, r).transpose(0, 1), lw.w_uv)  # [H, M, v]
-        return o.transpose(0, 1).reshape(M, -1) @ lw.w_o
+        return lw.w_o.mm(o.transpose(0, 1).reshape(M, -1))
 
     def _moe(self, lw: _Layer, x: torch.Tensor, h: torch.Tensor) -> None:
         """x += routed experts (gated) + shared experts of h, in place."""
@@ -332,13 +361,8 @@ class LeanDecoder:
         tok = order // K
         xs = h.index_select(0, tok)
         gates = weights.flatten().index_select(0, order).unsqueeze(1).to(h.dtype)
-        with default_matmul():  # a few rows per expert: MKL's kernels, even where the step runs on oneDNN
-            y = _swiglu_of(_grouped(xs, lw.w13, counts))
-            x.index_add_(0, tok, _grouped(y.mul_(gates), lw.w2, counts))
-
-
-def _kernels(rows: int, min_rows: int):
-    return fast_matmul() if rows >= min_rows else nullcontext()
+        y = _swiglu_of(_grouped(xs, lw.w13, counts))
+        x.index_add_(0, tok, _grouped(y.mul_(gates), lw.w2, counts))
 
 
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
