@@ -130,6 +130,46 @@ def test_engine_decodes_the_same_tokens_with_and_without_the_lean_path():
     ]
 
 
+def test_prefill_through_the_lean_step_matches_the_model():
+    """Ragged prompts right-padded to one length, as the engine prefills them: same hidden states and cache."""
+    model = random_model()
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 9))
+    positions = torch.arange(9).expand(3, 9)
+    ref_cache, lean_cache = model.make_cache(3, 16), model.make_cache(3, 16)
+    with torch.inference_mode():
+        ref = model(ids, positions=positions, cache=ref_cache, absorb=False)
+        lean = LeanDecoder(model)
+        hidden = lean.hidden(ids, positions, lean_cache)
+        logits = lean.logits(hidden[:, -1])
+    assert (hidden - ref.hidden).abs().max() <= 1e-5
+    assert (logits - ref.logits[:, -1]).abs().max() <= 1e-5
+    for a, b in zip(ref_cache, lean_cache):
+        assert (a.kv[:, :9] - b.kv[:, :9]).abs().max() <= 1e-5
+
+
+def test_prefills_with_big_score_tensors_take_the_model_forward(monkeypatch):
+    model = random_model()
+    prompts = [list(range(10, 30)), [7, 8]]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    want = [r.output for r in Engine(model, max_batch=2, max_len=32, lean=False).generate(prompts, params)]
+    engine = Engine(model, max_batch=2, max_len=32)
+    assert engine.lean.can_prefill(2, 20)
+    prefills = []  # the lean step's calls with more than one token per row
+
+    def hidden(ids, positions, cache):
+        if ids.shape[1] > 1:
+            prefills.append(ids.shape)
+        return LeanDecoder.hidden(engine.lean, ids, positions, cache)
+
+    monkeypatch.setattr(engine.lean, "hidden", hidden)
+    assert [r.output for r in engine.generate(prompts, params)] == want
+    assert prefills == [(2, 20)]  # both prompts in one prefill
+    monkeypatch.setattr(lean_module, "PREFILL_MAX_SCORES", 2 * 20 * 20 * model.cfg.num_attention_heads - 1)
+    assert not engine.lean.can_prefill(2, 20)
+    assert [r.output for r in engine.generate(prompts, params)] == want
+    assert prefills == [(2, 20)]
+
+
 def test_unsupported_models_and_caches_use_the_model_forward(monkeypatch):
     assert Engine(random_model(attention="gqa", n_kv_heads=1), max_batch=1, max_len=16).lean is None
     assert Engine(random_model(), max_batch=1, max_len=16, full_kv=True).lean is None

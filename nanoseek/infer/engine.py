@@ -6,8 +6,10 @@ per layer (REFERENCE §3), so `Engine.bytes_per_token` equals the theory exactly
 
 A request's life:
     add()      -> waiting queue
-    prefill    the prompt runs through the training path (`absorb=False`: SDPA over expanded K/V), which also
-               writes its latent cache into the request's slot; the first token is sampled from its last logits.
+    prefill    the prompt runs through the lean step (lean.py, where it covers the model and attention's scores
+               stay small) or else the training path (`absorb=False`: SDPA over expanded K/V); either writes its
+               latent cache into the request's slot. The first token is sampled from its last logits (the lean
+               path computes no others).
                Several prompts are prefilled in one forward, right-padded: a pad only ever follows the real
                tokens, so the causal mask keeps it out of every real token's attention.
     decode     one token per running request per step through the absorbed path over the cache; rows sit at
@@ -290,9 +292,13 @@ class Engine:
         ids = torch.tensor([r.prompt + [0] * (T - len(r.prompt)) for r in reqs], device=self.device)
         positions = torch.arange(T, device=self.device).expand(k, T)
         rows = [_rows(c, first, first + k) for c in self.cache]
-        out = self.model(ids, positions=positions, cache=rows, absorb=False)
         last = torch.tensor(lens, device=self.device) - 1
-        logits = out.logits[torch.arange(k), last].float()  # [k, V]
+        if self.lean is not None and self.lean.can_prefill(k, T):
+            hidden = self.lean.hidden(ids, positions, rows)
+            logits = self.lean.logits(hidden[torch.arange(k), last]).float()  # [k, V]: only where we sample
+        else:
+            out = self.model(ids, positions=positions, cache=rows, absorb=False)
+            hidden, logits = out.hidden, out.logits[torch.arange(k), last].float()
         tokens = self._sample(logits, reqs)
         self.stats.prefill_steps += 1
         self.stats.prompt_tokens += sum(lens)
@@ -306,7 +312,7 @@ class Engine:
             nxt = ids.roll(-1, dims=1)
             nxt[torch.arange(k), last] = tokens
             mtp_rows = _rows(self.drafter.cache, first, first + k)
-            draft_logits = self.drafter(out.hidden, nxt, positions, mtp_rows, absorb=False, pick=last)
+            draft_logits = self.drafter(hidden, nxt, positions, mtp_rows, absorb=False, pick=last)
             self._set_drafts(reqs, draft_logits.float())
         return deltas
 
