@@ -179,3 +179,30 @@ def test_unsupported_models_and_caches_use_the_model_forward(monkeypatch):
         lean_module, "MAX_MODEL_BYTES", 1000
     )  # the decoder copies the weights: too big to copy
     assert Engine(random_model(), max_batch=1, max_len=16).lean is None
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},  # noaux_tc: groups ranked by the sum of their top-2 biased scores
+        {"topk_method": "group_limited_greedy", "scoring_func": "softmax"},  # groups ranked by their max
+        {"topk_method": "greedy", "n_group": 1, "topk_group": 1, "norm_topk_prob": False},
+    ],
+    ids=["noaux_tc", "group_limited_greedy", "greedy"],
+)
+def test_one_token_routing_on_python_floats_matches_the_gate(kw):
+    from nanoseek.config import get_preset
+    from nanoseek.infer.lean import _route_one
+    from nanoseek.model.moe import Gate
+
+    gate = Gate(get_preset("small").replace(**kw))
+    gen = torch.Generator().manual_seed(0)
+    gate.e_score_bias.normal_(0.0, 0.1, generator=gen)
+    logits = torch.randn(200, gate.n_experts, generator=gen)
+    scores = logits.sigmoid() if gate.scoring_func == "sigmoid" else logits.softmax(-1)
+    idx, weights = gate.route(scores)
+    bias = gate.e_score_bias.tolist()
+    for t in range(len(scores)):
+        experts, gates = _route_one(gate, scores[t].tolist(), bias)
+        assert experts == idx[t].tolist()
+        assert gates == pytest.approx(weights[t].tolist(), rel=1e-6)

@@ -27,9 +27,11 @@ logits within 1e-5 of it, token by token) with these changes:
   holds a copy of the weights (the model's size again); w1|w3 are stacked in it, one GEMM for both.
 - Kernels: where hardware.packed_weights_available (AMD CPUs with AVX-512, where MKL runs AVX2 code), every
   dense matrix also gets a copy prepacked for oneDNN's AVX-512 kernels (`hardware.PackedWeight`), used from
-  `PACKED_MIN_ROWS` rows (1.3-2x faster than MKL from 4 rows); the 8 MB head is kept only prepacked (faster from
-  one row: 0.22 vs 0.30 ms). The experts' few-row GEMMs and attention's bmms stay on torch's default BLAS, and the
-  whole step runs outside the trainer's `fast_matmul` switch whoever calls it.
+  `PACKED_MIN_ROWS` rows (1.3-2x faster than MKL from 4 rows); matrices of 768 KB and more (the 8 MB head: 0.22
+  vs 0.30 ms) are kept only prepacked, faster from one row. The experts' few-row GEMMs and attention's bmms stay
+  on torch's default BLAS, and the whole step runs outside the trainer's `fast_matmul` switch whoever calls it.
+- One token's routing (batch 1) is done on Python floats (`_route_one`): a few dozen numbers, where `Gate.route`
+  pays ~17 op dispatches. RoPE's rotation factors are a table by position, built once.
 - A step with few (token, expert) pairs (batch 1-2) loops over them; each adds its gated expert output into
   its row of the residual stream with one addmm. With more pairs: sort by expert, grouped GEMMs, one index_add.
 
@@ -42,6 +44,7 @@ else, and for every prefill. (On a GPU the per-op cost is a kernel launch, and C
 
 from __future__ import annotations
 
+import heapq
 import math
 import weakref
 from dataclasses import dataclass
@@ -76,7 +79,11 @@ PAIR_LOOP_MAX = 16
 MAX_MODEL_BYTES = 2**30  # the decoder copies the weights; bigger models decode through the model's forward
 # With prepacked oneDNN weights (hardware.PackedWeight), from this many rows a dense matrix runs on them: at 1-2
 # rows MKL's GEMV is faster for 128-512 KB matrices (9 vs 16 us for 256 x 256), from 4 rows oneDNN (15 vs 19 us).
+# Matrices of at least PACKED_ONE_ROW_NUMEL numbers (768 KB in fp32) run prepacked from one row: a long read
+# streams faster through oneDNN's kernel (one row, weights not in cache: 768 x 256 35 vs 48 us, 256 x 1536 56 vs
+# 89 us, the 8 MB head 220 vs 300 us), and they keep no MKL copy.
 PACKED_MIN_ROWS = 4
+PACKED_ONE_ROW_NUMEL = 3 << 16
 # Prefill runs here too (1.2-1.6x faster than the model's forward for 32-512-token prompts) while attention's
 # score tensor stays under this many elements (64 MB): 2,048 tokens x 8 heads x 1,024 keys.
 PREFILL_MAX_SCORES = 2**24
@@ -111,18 +118,18 @@ def _t(w: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
 
 class _Matrix:
     """A dense weight w [out, in] (times diag(norm), folded) in its decode forms: [in, out] contiguous for MKL's
-    few-row GEMVs and, where hardware.packed_weights_available, prepacked for oneDNN from `min_rows` rows (with
-    min_rows 1 only the packed copy is kept)."""
+    few-row GEMVs and, where hardware.packed_weights_available, prepacked for oneDNN from `min_rows` rows (from one
+    row for big matrices, which then keep only the packed copy)."""
 
     __slots__ = ("t", "packed", "min_rows")
 
-    def __init__(self, w: torch.Tensor, norm: torch.Tensor | None = None, min_rows: int = PACKED_MIN_ROWS):
+    def __init__(self, w: torch.Tensor, norm: torch.Tensor | None = None):
         if norm is not None:
             w = w * norm
         pack = w.dtype == torch.float32 and packed_weights_available()
         self.packed = PackedWeight(w) if pack else None
-        self.min_rows = min_rows if pack else 1 << 62
-        self.t = _t(w) if min_rows > 1 or not pack else None
+        self.min_rows = (1 if w.numel() >= PACKED_ONE_ROW_NUMEL else PACKED_MIN_ROWS) if pack else 1 << 62
+        self.t = _t(w) if self.min_rows > 1 else None
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, in] @ W -> [M, out]."""
@@ -229,6 +236,8 @@ class LeanDecoder:
         self._key = None
         self._layers: dict[int, _Layer] = {}
         self._head: _Matrix | None = None
+        self._freqs = torch.zeros(0)  # RoPE factors by position, complex [P, 1, R/2], grown on demand
+        self._rows: dict[int, torch.Tensor] = {}
         _LIVE.add(self)
         self._refresh()  # fold now: the first decode step should not pay for it
 
@@ -248,7 +257,7 @@ class LeanDecoder:
             self._layers.clear()
             self._key = key
             with torch.no_grad():
-                self._head = _Matrix(self.model.head.weight, min_rows=1)  # packed wins from one row
+                self._head = _Matrix(self.model.head.weight)
             for block in self.model.layers:  # MTP blocks are folded on first use (speculative decoding only)
                 self._layer(block)
 
@@ -272,11 +281,21 @@ class LeanDecoder:
             if bool(hidden.any()):
                 mask = torch.zeros(hidden.shape, dtype=self.model.embed.weight.dtype, device=positions.device)
                 mask.masked_fill_(hidden, float("-inf"))
-        rope = self.model.rope
-        angles = positions.reshape(-1, 1, 1).to(rope.inv_freq.dtype) * rope.inv_freq  # [B*S, 1, R/2]
-        freqs = torch.polar(torch.full_like(angles, rope.attention_factor), angles)
-        rows = torch.arange(B, device=positions.device).unsqueeze(1)
+        if kv_len > len(self._freqs):
+            self._grow_freqs(kv_len)
+        freqs = self._freqs[positions.reshape(-1)]  # [B*S, 1, R/2]
+        rows = self._rows.get(B)
+        if rows is None:
+            rows = self._rows[B] = torch.arange(B, device=positions.device).unsqueeze(1)
         return _Step(B, S, rows, positions, kv_len, mask, freqs)
+
+    def _grow_freqs(self, n: int) -> None:
+        """RoPE's rotation factors for positions 0..n'-1 (n' >= n, doubling), computed as the model's RoPE does."""
+        rope = self.model.rope
+        n = max(n, 2 * len(self._freqs), 256)
+        positions = torch.arange(n, device=rope.inv_freq.device)
+        angles = positions.view(-1, 1, 1).to(rope.inv_freq.dtype) * rope.inv_freq  # [n, 1, R/2]
+        self._freqs = torch.polar(torch.full_like(angles, rope.attention_factor), angles)
 
     def block(self, block: nn.Module, x: torch.Tensor, step: _Step, cache: LatentCache) -> torch.Tensor:
         """One decoder block over x [B*S, d] (rows b*S + s); returns the new residual stream [B*S, d]."""
@@ -343,7 +362,12 @@ class LeanDecoder:
             q = torch.cat([q_lat, q[..., -R:]], dim=-1)
         _rope_(q[..., r:], step.freqs)
         _rope_(kv[:, None, r:], step.freqs)
-        kv_new = torch.cat([F.rms_norm(kv[:, :r], (r,), lw.kv_norm, lw.eps), kv[:, r:]], dim=-1)
+        c_kv = (
+            _rms(kv[:, :r], lw.eps) * lw.kv_norm
+            if M == 1
+            else F.rms_norm(kv[:, :r], (r,), lw.kv_norm, lw.eps)
+        )
+        kv_new = torch.cat([c_kv, kv[:, r:]], dim=-1)
         cache.kv[step.rows, step.positions] = kv_new.view(B, S, r + R)
         keys = cache.kv[:B, : step.kv_len]  # [B, T, r + R]
         scores = torch.bmm(q.reshape(B, S * H, r + R), keys.transpose(1, 2))  # the scale is folded into q
@@ -359,16 +383,18 @@ class LeanDecoder:
         """x += routed experts (gated) + shared experts of h, in place."""
         gate = lw.moe.gate
         logits = h.float() @ lw.router
-        idx, weights = gate.route(logits.sigmoid() if gate.scoring_func == "sigmoid" else logits.softmax(-1))
+        scores = logits.sigmoid() if gate.scoring_func == "sigmoid" else logits.softmax(-1)
         if lw.shared is not None:
             lw.shared.add_to(x, h)
-        M, K = idx.shape
+        M, K = scores.shape[0], gate.top_k
         if M * K <= PAIR_LOOP_MAX:  # a decode step of a sequence or two: one addmm per (token, expert) pair
-            for t, (experts, gates) in enumerate(zip(idx.tolist(), weights.tolist())):
+            bias = gate.e_score_bias.tolist()
+            for t, row in enumerate(scores.tolist()):
                 h_t, x_t = h[t : t + 1], x[t : t + 1]
-                for e, g in zip(experts, gates):
+                for e, g in zip(*_route_one(gate, row, bias)):
                     x_t.addmm_(_swiglu(h_t, lw.w13s[e]), lw.w2s[e], alpha=g)
             return
+        idx, weights = gate.route(scores)
         flat = idx.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=len(lw.w2s))
@@ -377,6 +403,28 @@ class LeanDecoder:
         gates = weights.flatten().index_select(0, order).unsqueeze(1).to(h.dtype)
         y = _swiglu_of(_grouped(xs, lw.w13, counts))
         x.index_add_(0, tok, _grouped(y.mul_(gates), lw.w2, counts))
+
+
+def _route_one(gate, scores: list[float], bias: list[float]) -> tuple[list[int], list[float]]:
+    """`Gate.route` for one token, on Python floats: (experts, gate weights). A token's routing is a few dozen
+    numbers, where the tensor version pays ~17 op dispatches (32 vs 21 us here); tests check it agrees."""
+    biased = [s + b for s, b in zip(scores, bias)]
+    candidates = range(len(biased))
+    if gate.n_group > 1 and gate.topk_method != "greedy":
+        n = len(biased) // gate.n_group
+        groups = [biased[g * n : (g + 1) * n] for g in range(gate.n_group)]
+        if gate.topk_method == "noaux_tc":
+            group_scores = [sum(heapq.nlargest(2, g)) for g in groups]
+        else:
+            group_scores = [max(g) for g in groups]
+        kept = heapq.nlargest(gate.topk_group, range(gate.n_group), key=group_scores.__getitem__)
+        candidates = [e for g in sorted(kept) for e in range(g * n, (g + 1) * n)]
+    experts = heapq.nlargest(gate.top_k, candidates, key=biased.__getitem__)
+    weights = [scores[e] for e in experts]  # unbiased, as in Gate.route
+    if gate.norm_topk_prob:
+        total = sum(weights) + 1e-20
+        weights = [w / total for w in weights]
+    return experts, [w * gate.route_scale for w in weights]
 
 
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
