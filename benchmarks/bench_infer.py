@@ -10,9 +10,10 @@ vocab 8192, MLA with kv_lora_rank 64 (the `small` preset cut to 4 layers, withou
 
 Both sides decode greedily and never stop early; the time covers prefill and decode (the whole `generate`
 call), tokens/s = batch * new tokens / seconds. transformers keeps MLA's latent in its cache but re-expands
-K and V through kv_b_proj at every step (REFERENCE §8); ours decodes through the lean step over the latent
-cache (nanoseek/infer/lean.py: W_UK / W_UV folded, MQA over [c_kv ; k_rope]; `--reference-decode` runs the
-model's own absorbed forward instead) and samples the whole batch with a few tensor ops. The fraction of identical greedy tokens is printed as a check
+K and V through kv_b_proj at every step (REFERENCE §8); ours prefills and decodes through the lean step over the
+latent cache (nanoseek/infer/lean.py: W_UK / W_UV folded, MQA over [c_kv ; k_rope], dense matrices prepacked for
+oneDNN where that is faster; `--reference-decode` runs the model's own forward instead) and samples the whole
+batch with a few tensor ops. Both compute logits only at the last prompt position when prefilling. The fraction of identical greedy tokens is printed as a check
 that both compute the same model (a near-tie may flip a token and everything after it, so it need not be 1).
 A third contender, our engine with the model's own forward (`Engine(lean=False)`), runs in the same rounds; the
 last column is its time over the lean step's (skipped with --reference-decode).

@@ -172,6 +172,14 @@ def test_resume_continues_the_same_run(run_dir, tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(full.model.parameters(), second.model.parameters()))
 
 
+def test_a_fresh_run_in_a_used_folder_logs_only_its_own_steps(run_dir, tmp_path):
+    out = tmp_path / "again"
+    for _ in range(2):  # e.g. `make run` twice
+        GRPOTrainer(_cfg(run_dir, out, steps=2, ckpt_every=2), progress=False, log=lambda *a: None).fit()
+    assert [r["step"] for r in _steps(out)] == [1, 2]
+    assert [r["step"] for r in _steps(out / "previous")] == [1, 2]  # the first run, moved aside
+
+
 @pytest.mark.parametrize(
     "change,message",
     [

@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -86,6 +87,38 @@ def test_resume_is_bit_identical(tiny_cfg, tmp_path):
     a = latest_valid_checkpoint(tmp_path / "a") / "model.safetensors"
     b = latest_valid_checkpoint(tmp_path / "b") / "model.safetensors"
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_steps_lost_after_the_last_checkpoint_are_not_logged_twice(tiny_cfg, tmp_path):
+    _trainer(tiny_cfg, tmp_path / "a", device="cpu").fit()
+    _trainer(tiny_cfg, tmp_path / "b", device="cpu").fit(stop_at=5)
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_0000005")  # as if it crashed after step 5: back to 3
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 1.')  # and cut a record in half
+    resumed = _trainer(tiny_cfg, tmp_path / "b", device="cpu")
+    assert resumed.resume() and resumed.step == 3
+    resumed.fit()
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")  # steps 4 and 5 once, from the resumed run
+
+
+def test_a_fresh_start_moves_the_earlier_run_aside(tiny_cfg, tmp_path):
+    _trainer(tiny_cfg, tmp_path).fit()
+    first = (tmp_path / "metrics.jsonl").read_text()
+    said = []
+    t = _trainer(tiny_cfg, tmp_path)
+    t.log = said.append
+    t.fit()  # not resumed: a new run in the same folder
+    assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3, 4, 5, 6]  # this run's records only
+    assert (tmp_path / "previous" / "metrics.jsonl").read_text() == first  # the earlier one's, kept
+    assert [p.name for p in list_checkpoints(tmp_path / "previous")] == ["step_0000003", "step_0000006"]
+    assert any("moved to" in line for line in said)
+    _trainer(tiny_cfg, tmp_path).fit()  # a third: only the run just before it is kept
+    assert (tmp_path / "previous" / "metrics.jsonl").read_text() != first
+    assert [r["step"] for r in _records(tmp_path / "previous")] == [1, 2, 3, 4, 5, 6]
+
+
+def _records(run_dir):
+    return [r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if r.get("event") is None]
 
 
 def test_nonfinite_step_is_skipped_and_never_checkpointed(tiny_cfg, tmp_path):

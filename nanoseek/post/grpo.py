@@ -40,7 +40,7 @@ from nanoseek.post.objective import LOSS_TYPES, SCALE_REWARDS, group_advantages,
 from nanoseek.post.rewards import RewardSet
 from nanoseek.post.rollout import Completion, Sampler
 from nanoseek.post.tasks import Problem, make_task
-from nanoseek.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from nanoseek.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint, start_run_dir
 from nanoseek.train.checkpoint import write_json_atomic as write_json
 from nanoseek.train.optim import make_optimizer
 from nanoseek.train.trainer import resolve_device
@@ -440,6 +440,7 @@ class GRPOTrainer:
     def fit(self) -> dict:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        start_run_dir(self.run_dir, self.step, self.log)  # an earlier run's records never mix into this one's
         write_json(self.run_dir / "grpo_config.json", asdict(cfg))
         write_json(self.run_dir / "config.json", self.model.cfg.to_dict())
         self.tokenizer.save(self.run_dir / "tokenizer.json")

@@ -163,6 +163,46 @@ def save_checkpoint(
     return final
 
 
+RUN_LOGS = ("metrics.jsonl", "samples.jsonl")  # appended to step by step; the reports are drawn from them
+PREVIOUS = "previous"  # RUN_DIR/previous/: the earlier run's logs and checkpoints, after a fresh start
+
+
+def start_run_dir(run_dir: str | Path, step: int, log=print) -> None:
+    """Make RUN_DIR's step logs describe this run alone, before it logs its first step.
+
+    A fresh start (step 0) in a folder holding an earlier run moves that run's logs and checkpoints into
+    RUN_DIR/previous/ (replacing what an even earlier fresh start left there), so its records do not mix into this
+    run's report and plots, and a forgotten --resume loses no work. A run resumed at step k drops the log records
+    past step k: the steps the interruption lost, which are about to run again."""
+    run_dir = Path(run_dir)
+    logs = [run_dir / name for name in RUN_LOGS if (run_dir / name).exists()]
+    if step == 0:
+        earlier = logs + ([run_dir / "checkpoints"] if (run_dir / "checkpoints").is_dir() else [])
+        if not earlier:
+            return
+        previous = run_dir / PREVIOUS
+        shutil.rmtree(previous, ignore_errors=True)
+        previous.mkdir()
+        for path in earlier:
+            os.replace(path, previous / path.name)
+        log(f"starting afresh: the earlier run's logs and checkpoints in {run_dir} moved to {previous}")
+        return
+    for path in logs:
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _step_of(line) <= step]
+        if len(kept) < len(lines):
+            tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return float("inf")  # a half-written last line: the interruption cut it, drop it
+
+
 def prune(ckpt_root: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return

@@ -40,6 +40,7 @@ from nanoseek.train.checkpoint import (
     latest_valid_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    start_run_dir,
     write_json_atomic,
 )
 from nanoseek.train.optim import SCHEDULES, lr_multiplier, make_optimizer
@@ -374,6 +375,7 @@ class Trainer:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.parallel is None or self.parallel.is_main:
+            start_run_dir(self.run_dir, self.step, self.log)  # earlier runs never mix into this one's logs
             write_json_atomic(self.run_dir / "config.json", self.model_cfg.to_dict())
             write_json_atomic(self.run_dir / "train_config.json", asdict(cfg))
         self.model.train()
