@@ -209,6 +209,12 @@ class _Layer:
             self.w13s, self.w2s = self.w13.unbind(0), self.w2.unbind(0)  # per-expert views, made once
             sh = block.ffn.shared_experts
             self.shared = _FFN.of(sh, ffn_norm) if sh is not None else None
+            # fp32 models: the router and the shared experts' w1|w3 read the same h, so one GEMV does both
+            # (one matrix streamed instead of two: ~2% of a batch-1 step).
+            self.router_w13 = None
+            if sh is not None and ffn_norm.dtype == torch.float32:
+                stacked = torch.cat([block.ffn.gate.weight.float(), sh.w1.weight, sh.w3.weight])
+                self.router_w13 = _Matrix(stacked, ffn_norm)
         else:
             self.ffn = _FFN.of(block.ffn, ffn_norm)
 
@@ -382,10 +388,16 @@ class LeanDecoder:
     def _moe(self, lw: _Layer, x: torch.Tensor, h: torch.Tensor) -> None:
         """x += routed experts (gated) + shared experts of h, in place."""
         gate = lw.moe.gate
-        logits = h.float() @ lw.router
+        if lw.router_w13 is not None:
+            a = lw.router_w13.mm(h)
+            E = gate.n_experts
+            logits = a[:, :E]
+            lw.shared.w2.add_to(x, _swiglu_of(a[:, E:]))
+        else:
+            logits = h.float() @ lw.router
+            if lw.shared is not None:
+                lw.shared.add_to(x, h)
         scores = logits.sigmoid() if gate.scoring_func == "sigmoid" else logits.softmax(-1)
-        if lw.shared is not None:
-            lw.shared.add_to(x, h)
         M, K = scores.shape[0], gate.top_k
         if M * K <= PAIR_LOOP_MAX:  # a decode step of a sequence or two: one addmm per (token, expert) pair
             bias = gate.e_score_bias.tolist()
