@@ -388,8 +388,11 @@ class Engine:
             r.draft = int(drafts[b])
             r.draft_q = None if q is None or r.params.greedy else q[b]  # greedy: q is one-hot at the draft
 
-    def _draft_distributions(self, reqs: list[Request]) -> torch.Tensor:
-        """q [B, V] of the current drafts."""
+    def _draft_distributions(self, reqs: list[Request]) -> torch.Tensor | None:
+        """q [B, V] of the current drafts; None when every request is plain greedy (q is the drafts' one-hot,
+        and `verify` then only compares argmaxes)."""
+        if all(r.params.greedy and r.params.repetition_penalty == 1.0 for r in reqs):
+            return None
         drafts = torch.tensor([r.draft for r in reqs], device=self.device)
         q = torch.nn.functional.one_hot(drafts, self.model.cfg.vocab_size).float()
         for b, r in enumerate(reqs):

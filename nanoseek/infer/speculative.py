@@ -67,7 +67,7 @@ class MTPDrafter:
 def verify(
     logits: torch.Tensor,
     drafts: torch.Tensor,
-    q: torch.Tensor,
+    q: torch.Tensor | None,
     params: Sequence[SamplingParams],
     histories: Sequence[Sequence[int]],
     generators: Sequence[torch.Generator],
@@ -75,13 +75,15 @@ def verify(
     """The accept/reject step for a batch.
 
     logits [B, 2, V]: the main model at [t_n, d]; drafts [B]; q [B, V]: the distribution each draft was drawn
-    from; histories: tokens so far (for repetition penalties). Returns (accepted [B] bool, first [B], bonus [B]):
+    from (None when every request is greedy without penalties: q is then the drafts' one-hot); histories: tokens so far (for repetition penalties). Returns (accepted [B] bool, first [B], bonus [B]):
     the next token is `first` (= the draft when accepted), followed by `bonus` only where accepted.
     """
     penalties = any(p.repetition_penalty != 1.0 for p in params)
     if all(p.greedy for p in params) and not penalties:  # what the general rule computes for one-hot p and q
         first, bonus = logits[:, 0].argmax(-1), logits[:, 1].argmax(-1)
         return first == drafts, first, bonus
+    if q is None:
+        raise ValueError("verify: q is needed unless every request is greedy without penalties")
     with_draft = [(*h, d) for h, d in zip(histories, drafts.tolist())] if penalties else histories
     p0 = probabilities(logits[:, 0], params, histories)
     p1 = probabilities(logits[:, 1], params, with_draft)
