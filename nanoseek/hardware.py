@@ -176,6 +176,11 @@ def fast_matmul(enabled: bool | None = None) -> Iterator[None]:
         yield
 
 
+def fast_matmul_active() -> bool:
+    """Whether fp32 CPU matmuls run on oneDNN right now (inside `fast_matmul()`, or the switch set by hand)."""
+    return _onednn_switch_exists() and torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+
+
 @contextmanager
 def default_matmul() -> Iterator[None]:
     """fp32 CPU matmuls inside the block on torch's default BLAS, even inside `fast_matmul()` (few-row GEMMs)."""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.layers import causal_attention
 from nanoseek.model.rope import apply_rope
 
 
@@ -56,7 +57,7 @@ class GQA(nn.Module):
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if rep > 1:
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            o = causal_attention(q, k, v, self.scale)
         else:
             cache.write(positions, k, v)
             kv_len = int(positions.max()) + 1
