@@ -70,3 +70,10 @@ def test_model_fused_loss_equals_the_plain_head(tiny_cfg, tied):
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_no_rows_gives_zero_weight_gradient():
+    w = torch.randn(40, 8, requires_grad=True)
+    loss = linear_cross_entropy(torch.zeros(0, 8, requires_grad=True), w, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert torch.isnan(loss) and torch.equal(w.grad, torch.zeros_like(w))
