@@ -39,7 +39,7 @@ Prefill can take this path as well (`hidden`, `can_prefill`), with logits comput
 
 Only MLA models on the CPU with a latent cache, in fp32 or fp64, without FP8 experts and of at most
 `MAX_MODEL_BYTES` (the copy), take this path (`supports`). The engine runs `Transformer.forward` for everything
-else, and for every prefill. (On a GPU the per-op cost is a kernel launch, and CUDA graphs are the tool for it.)
+else, and for prefills whose attention scores would be too big (`can_prefill`). (On a GPU the per-op cost is a kernel launch, and CUDA graphs are the tool for it.)
 """
 
 from __future__ import annotations
@@ -261,6 +261,7 @@ class LeanDecoder:
         key = self._params_key()
         if key != self._key:
             self._layers.clear()
+            self._freqs, self._rows = torch.zeros(0), {}  # a dtype or device change rebuilds these too
             self._key = key
             with torch.no_grad():
                 self._head = _Matrix(self.model.head.weight)

@@ -75,8 +75,9 @@ def verify(
     """The accept/reject step for a batch.
 
     logits [B, 2, V]: the main model at [t_n, d]; drafts [B]; q [B, V]: the distribution each draft was drawn
-    from (None when every request is greedy without penalties: q is then the drafts' one-hot); histories: tokens so far (for repetition penalties). Returns (accepted [B] bool, first [B], bonus [B]):
-    the next token is `first` (= the draft when accepted), followed by `bonus` only where accepted.
+    from (None when every request is greedy without penalties: q is then the drafts' one-hot); histories: tokens
+    so far (for repetition penalties). Returns (accepted [B] bool, first [B], bonus [B]): the next token is
+    `first` (= the draft when accepted), followed by `bonus` only where accepted.
     """
     penalties = any(p.repetition_penalty != 1.0 for p in params)
     if all(p.greedy for p in params) and not penalties:  # what the general rule computes for one-hot p and q
