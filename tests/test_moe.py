@@ -171,3 +171,33 @@ def test_classic_aux_loss_and_none(cfg):
 def test_max_vio():
     assert max_vio(torch.tensor([5.0, 5.0, 5.0])) == 0
     assert max_vio(torch.tensor([0.0, 0.0, 9.0])) == pytest.approx(2.0)
+
+
+def test_padded_expert_rows_give_the_same_output_and_gradients(monkeypatch):
+    """Inside fast_matmul() each expert's rows are padded to a multiple of PAD_ROWS (token 0, gate weight 0)."""
+    from nanoseek.model import moe as moe_module
+
+    torch.manual_seed(0)
+    experts = moe_module.Experts(8, 16, 12)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(37, 16)
+    idx = torch.stack([torch.randperm(8)[:3] for _ in range(37)])
+    weights = torch.rand(37, 3)
+    results = []
+    for padded in (False, True):
+        monkeypatch.setattr(moe_module, "fast_matmul_active", lambda p=padded: p)
+        xs, ws = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        out = experts(xs, idx, ws)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, 16)).sum(), [xs, ws, *experts.parameters()])
+        results.append((out.detach(), grads))
+    (out0, g0), (out1, g1) = results
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    token, gate, counts = moe_module._pad_rows(
+        torch.tensor([5, 6, 7, 8]), torch.ones(4, 1), torch.tensor([3, 0, 1]), 4
+    )
+    assert counts.tolist() == [4, 0, 4]
+    assert token.tolist() == [5, 6, 7, 0, 8, 0, 0, 0]
+    assert gate.squeeze(1).tolist() == [1, 1, 1, 0, 1, 0, 0, 0]

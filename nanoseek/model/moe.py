@@ -32,6 +32,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.fp8 import fp8_grouped_linear
+from nanoseek.hardware import fast_matmul_active
 from nanoseek.model.layers import MLP
 
 
@@ -135,6 +136,29 @@ class Gate(nn.Module):
         return *self.route(scores), scores
 
 
+# Inside hardware.fast_matmul() (fp32 GEMMs on oneDNN, CPU), every expert's rows are padded to a multiple of this:
+# oneDNN's AVX-512 kernels run row counts that are multiples of 16 faster than the ragged counts routing produces.
+# Forward+backward of two expert GEMMs at 2,048 x 6 rows: 37.5-48 ms padded vs 44-55 ms not, for ~4% more rows
+# (and no gain on MKL, so only there).
+PAD_ROWS = 16
+
+
+def _pad_rows(
+    token: torch.Tensor, gate_weight: torch.Tensor, counts: torch.Tensor, multiple: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows sorted by expert (token [N], gate_weight [N, 1], counts [E]) laid out with each expert's count rounded up
+    to `multiple`. A padding row repeats token 0 with gate weight 0, so it adds exactly 0 to token 0's output and
+    gets no gradient."""
+    padded = (counts + multiple - 1) // multiple * multiple
+    shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # how far each expert's rows move
+    N = len(token)
+    dest = torch.arange(N, device=token.device) + shift.repeat_interleave(counts, output_size=N)
+    n = int(padded.sum())
+    token = token.new_zeros(n).index_copy_(0, dest, token)
+    gate_weight = gate_weight.new_zeros(n, 1).index_copy(0, dest, gate_weight)
+    return token, gate_weight, padded
+
+
 class Experts(nn.Module):
     """N_r routed SwiGLU experts stored stacked: w1/w3 [E, I, d], w2 [E, d, I] (nn.Linear layout per expert)."""
 
@@ -152,13 +176,15 @@ class Experts(nn.Module):
         flat = idx.flatten()
         order = flat.argsort(stable=True)  # sort (token, slot) pairs by expert
         counts = torch.bincount(flat, minlength=self.n_experts)
-        offs = counts.cumsum(0).to(torch.int32)
         token = order // K
+        gate_weight = weights.flatten().index_select(0, order).unsqueeze(-1).to(x.dtype)  # [T*K, 1]
+        if x.device.type == "cpu" and x.dtype == torch.float32 and not self.fp8 and fast_matmul_active():
+            token, gate_weight, counts = _pad_rows(token, gate_weight, counts, PAD_ROWS)
+        offs = counts.cumsum(0).to(torch.int32)
         # index_select, not x[token]: on CPU the backward of advanced indexing is an accumulating index_put_
         # (~30 ms fwd+bwd at 24k x 256 rows), index_select's is index_add_ (~4 ms).
-        x_sorted = x.index_select(0, token)  # [T*K, d], each expert's rows contiguous
-        gate_weight = weights.flatten().index_select(0, order).unsqueeze(-1).to(x.dtype)  # [T*K, 1]
-        y = self.expert_ffn(x_sorted, counts, offs, gate_weight)  # [T*K, d]
+        x_sorted = x.index_select(0, token)  # [T*K (+ padding), d], each expert's rows contiguous
+        y = self.expert_ffn(x_sorted, counts, offs, gate_weight)  # [T*K (+ padding), d]
         return torch.zeros_like(x, dtype=y.dtype).index_add_(0, token, y)  # y is bf16 under CUDA autocast
 
     def expert_ffn(
