@@ -237,7 +237,6 @@ class PackedWeight:
     plain oneDNN); `benchmarks/bench_matmul.py` times them. Only where `packed_weights_available()`."""
 
     def __init__(self, w: torch.Tensor, rows_hint: int = 32):
-        self.out_features = w.shape[0]
         self.w = _pack(w.float(), rows_hint)  # w [out, in]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

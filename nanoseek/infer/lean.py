@@ -201,20 +201,20 @@ class _Layer:
         self.ffn = self.moe = None
         if isinstance(block.ffn, MoE):
             self.moe = block.ffn
-            # The router in fp32, as Gate.scores runs it: [d, E].
-            self.router = _t(block.ffn.gate.weight.float(), ffn_norm.float())
             ex = block.ffn.experts
             self.w13 = _t(torch.cat([ex.w1, ex.w3], dim=1), ffn_norm)  # [E, d, 2I]
             self.w2 = _t(ex.w2)  # [E, I, d]
             self.w13s, self.w2s = self.w13.unbind(0), self.w2.unbind(0)  # per-expert views, made once
-            sh = block.ffn.shared_experts
-            self.shared = _FFN.of(sh, ffn_norm) if sh is not None else None
-            # fp32 models: the router and the shared experts' w1|w3 read the same h, so one GEMV does both
-            # (one matrix streamed instead of two: ~2% of a batch-1 step).
-            self.router_w13 = None
+            gate_w, sh = block.ffn.gate.weight, block.ffn.shared_experts
+            self.router = self.shared = self.router_w13 = None
             if sh is not None and ffn_norm.dtype == torch.float32:
-                stacked = torch.cat([block.ffn.gate.weight.float(), sh.w1.weight, sh.w3.weight])
-                self.router_w13 = _Matrix(stacked, ffn_norm)
+                # fp32 models: the router and the shared experts' w1|w3 read the same h, so one GEMV does both
+                # (one matrix streamed instead of two: ~2% of a batch-1 step); the shared w2 stays apart.
+                self.router_w13 = _Matrix(torch.cat([gate_w.float(), sh.w1.weight, sh.w3.weight]), ffn_norm)
+                self.shared_w2 = _Matrix(sh.w2.weight)
+            else:
+                self.router = _t(gate_w.float(), ffn_norm.float())  # in fp32, as Gate.scores runs it: [d, E]
+                self.shared = _FFN.of(sh, ffn_norm) if sh is not None else None
         else:
             self.ffn = _FFN.of(block.ffn, ffn_norm)
 
@@ -393,7 +393,7 @@ class LeanDecoder:
             a = lw.router_w13.mm(h)
             E = gate.n_experts
             logits = a[:, :E]
-            lw.shared.w2.add_to(x, _swiglu_of(a[:, E:]))
+            lw.shared_w2.add_to(x, _swiglu_of(a[:, E:]))
         else:
             logits = h.float() @ lw.router
             if lw.shared is not None:
