@@ -58,7 +58,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         # The scale and the causal mask ride in the score GEMM (beta * mask + alpha * q k^T), so neither costs a
         # pass over the scores, forward or backward (fwd+bwd of a `small` layer's attention ~20% faster).
         mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-        scores = torch.baddbmm(mask, q.reshape(B * H, T, -1), k.reshape(B * H, T, -1).transpose(1, 2), alpha=scale)
+        scores = torch.baddbmm(
+            mask, q.reshape(B * H, T, -1), k.reshape(B * H, T, -1).transpose(1, 2), alpha=scale
+        )
         return torch.matmul(scores.softmax(dim=-1).view(B, H, T, T), v)
     pad = q.shape[-1] - v.shape[-1]
     if pad > 0:
