@@ -42,7 +42,7 @@ import torch
 from nanoseek.infer.lean import LeanDecoder
 from nanoseek.infer.lean import supports as lean_supports
 from nanoseek.infer.sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
-from nanoseek.infer.speculative import MTPDrafter, verify
+from nanoseek.infer.speculative import MTPDrafter, plain_greedy, verify
 
 DEFAULT_MAX_LEN = 2048  # a released config allows 163,840 positions; preallocating that is rarely wanted
 
@@ -391,7 +391,7 @@ class Engine:
     def _draft_distributions(self, reqs: list[Request]) -> torch.Tensor | None:
         """q [B, V] of the current drafts; None when every request is plain greedy (q is the drafts' one-hot,
         and `verify` then only compares argmaxes)."""
-        if all(r.params.greedy and r.params.repetition_penalty == 1.0 for r in reqs):
+        if plain_greedy([r.params for r in reqs]):
             return None
         drafts = torch.tensor([r.draft for r in reqs], device=self.device)
         q = torch.nn.functional.one_hot(drafts, self.model.cfg.vocab_size).float()

@@ -64,6 +64,12 @@ class MTPDrafter:
         return self.model.head(self.module.norm(h))
 
 
+def plain_greedy(params: Sequence[SamplingParams]) -> bool:
+    """Whether every request is greedy without a repetition penalty: verification then only compares argmaxes,
+    and the drafts' distribution q (their one-hot) is never needed."""
+    return all(p.greedy and p.repetition_penalty == 1.0 for p in params)
+
+
 def verify(
     logits: torch.Tensor,
     drafts: torch.Tensor,
@@ -79,12 +85,12 @@ def verify(
     so far (for repetition penalties). Returns (accepted [B] bool, first [B], bonus [B]): the next token is
     `first` (= the draft when accepted), followed by `bonus` only where accepted.
     """
-    penalties = any(p.repetition_penalty != 1.0 for p in params)
-    if all(p.greedy for p in params) and not penalties:  # what the general rule computes for one-hot p and q
+    if plain_greedy(params):  # what the general rule computes for one-hot p and q
         first, bonus = logits[:, 0].argmax(-1), logits[:, 1].argmax(-1)
         return first == drafts, first, bonus
     if q is None:
         raise ValueError("verify: q is needed unless every request is greedy without penalties")
+    penalties = any(p.repetition_penalty != 1.0 for p in params)
     with_draft = [(*h, d) for h, d in zip(histories, drafts.tolist())] if penalties else histories
     p0 = probabilities(logits[:, 0], params, histories)
     p1 = probabilities(logits[:, 1], params, with_draft)
