@@ -14,7 +14,10 @@ defaults, as shipped. For transparency the same transformers step is also timed 
 
 Model FLOPs per token count every matmul of the step (`accounting.count_flops(...).full`, attention over the
 whole l_seq as DeepSeek LLM's M does); MFU divides by the fp32 matmul peak measured in this same process with the
-fastest exact kernel available (common.matmul_peak: the faster of MKL and oneDNN).
+fastest exact kernel available (common.matmul_peak: the faster of MKL and oneDNN). The comparison with
+transformers runs the issue's batch (8 x 256); the `small` and `tiny` presets run the trainer's own micro-batch
+(`TrainConfig`: 16 x 256), the step `nanoseek train --preset small` takes. `bench_train_ceiling.py` splits that
+step into its GEMMs and everything else.
 Targets (issue 3): >= 1.3x transformers, and >= 65% of the measured peak on `small`.
 
     python benchmarks/bench_train.py            # ~2-3 minutes on 2 cores
@@ -39,6 +42,7 @@ from nanoseek.config import get_preset  # noqa: E402
 from nanoseek.hardware import fast_matmul, fast_matmul_available  # noqa: E402
 from nanoseek.model import Transformer  # noqa: E402
 from nanoseek.train.optim import make_optimizer  # noqa: E402
+from nanoseek.train.trainer import TrainConfig  # noqa: E402
 
 
 def ours_step(model, opt, x, y):
@@ -122,10 +126,20 @@ def main() -> None:
     # The issue's comparison config: hidden 256, 4 layers, 64 experts top-6, batch 8 x 256 (~25M / 8M).
     cmp_cfg = get_preset("small").replace(num_hidden_layers=4, num_nextn_predict_layers=0, name="small-4L")
     cmp = bench("vs transformers (small, 4 layers, no MTP)", cmp_cfg, 8, 256, warmup, iters, with_hf=True)
+    # The presets run at the trainer's own micro-batch (TrainConfig: 16 x 256), what `nanoseek train` does.
+    B, T = TrainConfig.batch_size, TrainConfig.seq_len
     small = bench(
-        "small preset (6 layers, MTP D=1)", get_preset("small"), 8, 256, warmup, iters, with_hf=False
+        "small preset (6 layers, MTP D=1, the trainer's batch)",
+        get_preset("small"),
+        B,
+        T,
+        warmup,
+        iters,
+        False,
     )
-    tiny = bench("tiny preset (2 layers, MTP D=1)", get_preset("tiny"), 16, 256, warmup, iters, with_hf=False)
+    tiny = bench(
+        "tiny preset (2 layers, MTP D=1, the trainer's batch)", get_preset("tiny"), B, T, warmup, iters, False
+    )
     peak1, said1 = matmul_peak(2048, 2048, 2048)
     peak = max(peak0, peak1)
     print(f"\nfp32 matmul peak after: {said1}; using the max, {peak:.1f}")
