@@ -128,18 +128,8 @@ def main() -> None:
     cmp = bench("vs transformers (small, 4 layers, no MTP)", cmp_cfg, 8, 256, warmup, iters, with_hf=True)
     # The presets run at the trainer's own micro-batch (TrainConfig: 16 x 256), what `nanoseek train` does.
     B, T = TrainConfig.batch_size, TrainConfig.seq_len
-    small = bench(
-        "small preset (6 layers, MTP D=1, the trainer's batch)",
-        get_preset("small"),
-        B,
-        T,
-        warmup,
-        iters,
-        False,
-    )
-    tiny = bench(
-        "tiny preset (2 layers, MTP D=1, the trainer's batch)", get_preset("tiny"), B, T, warmup, iters, False
-    )
+    small = bench("small preset (6 layers, MTP D=1)", get_preset("small"), B, T, warmup, iters, with_hf=False)
+    tiny = bench("tiny preset (2 layers, MTP D=1)", get_preset("tiny"), B, T, warmup, iters, with_hf=False)
     peak1, said1 = matmul_peak(2048, 2048, 2048)
     peak = max(peak0, peak1)
     print(f"\nfp32 matmul peak after: {said1}; using the max, {peak:.1f}")

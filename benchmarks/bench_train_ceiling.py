@@ -84,7 +84,8 @@ class GemmRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in GEMMS:
-            self.calls.append((func, [_spec(a) for a in args], {k: _spec(v) for k, v in kwargs.items()}))
+            spec = (func, [_spec(a) for a in args], {k: _spec(v) for k, v in kwargs.items()})
+            self.calls.append((group_of(func), *spec))
         return func(*args, **kwargs)
 
 
@@ -104,14 +105,24 @@ def gemm_flops(func, args) -> float:
     return 2.0 * batch * a[-2] * a[-1] * b[-1]
 
 
-def group_of(func, args, vocab: int) -> str:
+def _in_head_loss() -> bool:
+    """Whether the caller runs inside nanoseek/model/head_loss.py (the fused head + cross-entropy is a Python
+    autograd Function, so its forward and its backward both show up on the Python stack)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.endswith("head_loss.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def group_of(func) -> str:
+    if _in_head_loss():
+        return "output heads (main, MTP)"
     if func is GROUPED:
         return "routed experts"
     if func in BATCHED:
         return "attention (scores, values)"
-    shapes = [s[1] for s in args if s[0] == "tensor"]
-    if any(vocab in s for s in shapes):
-        return "output heads (main, MTP)"
     return "other projections"
 
 
@@ -172,8 +183,8 @@ def main() -> None:
     peak0, said0 = matmul_peak(2048, 2048, 2048)
     by_group: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
     with fast_matmul():
-        for func, a, kw in recorder.calls:
-            g = by_group[group_of(func, a, cfg.vocab_size)]
+        for group, func, a, kw in recorder.calls:
+            g = by_group[group]
             g[0] += time_alone(func, a, kw, args.reps)
             g[1] += gemm_flops(func, a)
             g[2] += 1
