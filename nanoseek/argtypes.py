@@ -54,6 +54,20 @@ def positive_int(text: str) -> int:
     return int(value)
 
 
+def non_negative_int(text: str) -> int:
+    value = _number(text)
+    if value < 0 or not value.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= 0")
+    return int(value)
+
+
+def unit_interval(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1]")
+    return value
+
+
 def fraction(text: str) -> float:
     value = _number(text)
     if not 0 < value <= 1:

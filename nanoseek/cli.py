@@ -21,9 +21,11 @@ import sys
 from nanoseek.argtypes import (
     UsageError,
     fraction,
+    non_negative_int,
     non_negative_number,
     positive_int,
     positive_number,
+    unit_interval,
 )
 from nanoseek.config import PRESETS, ConfigError, ModelConfig, get_preset
 from nanoseek.hardware import tune_allocator
@@ -301,9 +303,11 @@ def add_train_parser(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per micro-batch (16)")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step (1)")
     p.add_argument("--lr", type=positive_number, default=3e-3, help="peak learning rate (3e-3)")
-    p.add_argument("--warmup-steps", type=int, default=30, help="linear warmup steps (30)")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=30, help="linear warmup steps (30)")
     p.add_argument("--schedule", choices=SCHEDULES, default="multistep", help="LR schedule (multistep)")
-    p.add_argument("--min-lr-ratio", type=non_negative_number, default=0.1, help="cosine/wsd floor (0.1)")
+    p.add_argument(
+        "--min-lr-ratio", type=unit_interval, default=0.1, help="cosine/wsd floor, a fraction of --lr (0.1)"
+    )
     p.add_argument("--weight-decay", type=non_negative_number, default=0.1, help="AdamW decay (0.1)")
     p.add_argument("--grad-clip", type=positive_number, default=1.0, help="gradient-norm clip (1.0)")
     p.add_argument("--eval-every", type=positive_int, default=100, help="validate every N steps (100)")
@@ -336,7 +340,7 @@ def add_train_parser(sub) -> None:
         default=600,
         help="seconds to wait for the other ranks (rendezvous, collectives) before failing (600)",
     )
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, _parser=p)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -348,13 +352,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     saved = Path(args.out) / "config.json"
     fallback = ModelConfig.load(saved) if args.resume and saved.exists() else None
     model_cfg = _model_config(args, fallback)
-    if args.steps is None and args.tokens is None and not args.resume:
-        raise UsageError("give --steps or --tokens")
-    if args.resume and args.steps is None and args.tokens is None:
-        saved_train = Path(args.out) / "train_config.json"
-        if not saved_train.exists():
+    saved_train = Path(args.out) / "train_config.json"
+    if args.resume and saved_train.exists():
+        _resume_flags(args, json.loads(saved_train.read_text()))
+    if args.steps is None and args.tokens is None:
+        if args.resume:
             raise UsageError(f"--resume: {args.out} has no train_config.json; give --steps or --tokens")
-        args.steps = json.loads(saved_train.read_text())["steps"]
+        raise UsageError("give --steps or --tokens")
     tcfg = TrainConfig(
         out=args.out,
         seq_len=args.seq_len,
@@ -382,6 +386,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     parallel = _parallel(args)
     if parallel is None:
         prepared = prepare_data(args.data, args.tokenizer, args.vocab_size, progress=progress)
+        _check_same_tokenizer(args, prepared)
         trainer = build_trainer(model_cfg, tcfg, prepared, progress=progress)
     else:  # every rank runs this; rank 0 logs, writes metrics and prepares the data cache first
         quiet = lambda *a, **k: None  # noqa: E731
@@ -389,14 +394,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not parallel.is_main:
             parallel.barrier()
         prepared = prepare_data(args.data, args.tokenizer, args.vocab_size, log=log, progress=progress)
+        _check_same_tokenizer(args, prepared)
         if parallel.is_main:
             parallel.barrier()
         trainer = build_trainer(model_cfg, tcfg, prepared, log=log, progress=progress, parallel=parallel)
     # torchrun --max-restarts: a restarted group resumes from its last checkpoint without being told to.
     resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     main = parallel is None or parallel.is_main
-    if resume and not trainer.resume() and main:
-        print(f"nanoseek: no checkpoint in {args.out} yet; starting from scratch", file=sys.stderr)
+    if resume and not trainer.resume():
+        ckpts = Path(args.out) / "checkpoints"
+        if ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir()):
+            # checkpoints exist, none loads: starting over would move them aside as if nothing were wrong
+            raise UsageError(f"--resume: no checkpoint in {ckpts} loads (warnings above say why)")
+        if main:
+            print(f"nanoseek: no checkpoint in {args.out} yet; starting from scratch", file=sys.stderr)
     # sampling runs the model on one rank; under torchrun sample from the exported checkpoint instead
     sample = sampler(prepared.tokenizer) if args.sample_every and parallel is None else None
     result = trainer.fit(sample_fn=sample)
@@ -404,7 +415,38 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     if parallel is not None:
         parallel.close()
-    return 0 if result["status"] != "diverged" else 1
+    return {"finished": 0, "interrupted": 130}.get(result["status"], 1)  # 130: as a shell reports Ctrl-C
+
+
+# What `train --resume` takes from the run's train_config.json when the flag is left at its default: resuming
+# continues the run as it was configured, it does not switch batch size, learning rate or schedule under it.
+_RESUMED_FLAGS = (
+    "seq_len batch_size grad_accum lr min_lr_ratio warmup_steps schedule weight_decay grad_clip eval_every "
+    "eval_batches ckpt_every keep_last sample_every seed precision"
+).split()
+
+
+def _resume_flags(args: argparse.Namespace, saved: dict) -> None:
+    """The run's own settings for every train flag the command line leaves at its default (and its length, if
+    neither --steps nor --tokens is given). A flag given explicitly wins, so a resumed run can be lengthened."""
+    if args.steps is None and args.tokens is None:
+        args.steps, args.tokens = saved.get("steps"), saved.get("tokens")
+    for key in _RESUMED_FLAGS:
+        if key in saved and getattr(args, key) == args._parser.get_default(key):
+            setattr(args, key, saved[key])
+
+
+def _check_same_tokenizer(args, prepared) -> None:
+    """--resume must not continue a run with another tokenizer than the one its weights were trained with."""
+    from pathlib import Path
+
+    run_tok = Path(args.out) / "tokenizer.json"
+    if args.resume and run_tok.exists() and run_tok.resolve() != prepared.tokenizer_path.resolve():
+        if run_tok.read_bytes() != prepared.tokenizer_path.read_bytes():
+            raise UsageError(
+                f"--resume: {args.out} was trained with another tokenizer than --data {args.data!r} gives; "
+                f"pass the run's original --data (and --tokenizer {run_tok})"
+            )
 
 
 def _parallel(args):
@@ -461,7 +503,7 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--prompt", default="\n", help="prompt text (default: a newline)")
     p.add_argument("--max-tokens", type=positive_int, default=200, help="new tokens (200)")
     p.add_argument("--temperature", type=non_negative_number, default=0.8, help="0 = greedy (0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the top k (50; 0 = all)")
+    p.add_argument("--top-k", type=non_negative_int, default=50, help="sample among the top k (50; 0 = all)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("-n", "--num-samples", type=positive_int, default=1, help="samples (1)")
     p.set_defaults(func=cmd_sample)
@@ -508,9 +550,16 @@ def add_speedrun_parser(sub) -> None:
 
 
 def cmd_speedrun(args: argparse.Namespace) -> int:
-    from nanoseek.speedrun import speedrun
+    from nanoseek.speedrun import Unfinished, speedrun
 
-    speedrun(args.out, args.data, args.quick, args.steps, args.resume, progress=not args.no_progress)
+    try:
+        speedrun(args.out, args.data, args.quick, args.steps, args.resume, progress=not args.no_progress)
+    except Unfinished as e:
+        then = (
+            "continue it with --resume" if e.status == "interrupted" else "its last good checkpoint is kept"
+        )
+        print(f"nanoseek: speedrun stopped, {e}; {then}", file=sys.stderr)
+        return 130 if e.status == "interrupted" else 1
     return 0
 
 

@@ -59,6 +59,15 @@ def speedrun_configs(quick: bool, out: str, steps: int | None = None) -> tuple[M
     return model, train, 4096
 
 
+class Unfinished(Exception):
+    """Pretraining ended early ("interrupted" by Ctrl-C / SIGTERM after saving a checkpoint, or "diverged"), so
+    the speedrun stops there: no SFT, RL or report on a half-trained model."""
+
+    def __init__(self, status: str):
+        super().__init__(f"pretraining {status}")
+        self.status = status
+
+
 def speedrun(
     out: str = "runs/speedrun",
     data: str = "default",
@@ -75,6 +84,8 @@ def speedrun(
     if resume:
         trainer.resume()
     result = trainer.fit()
+    if result["status"] != "finished":  # Ctrl-C / SIGTERM or a diverged loss: post-train nothing on it
+        raise Unfinished(result["status"])
     tok = prepared.tokenizer
     bos = [tok.bos_id] if tok.bos_id is not None else []
     samples = []

@@ -191,8 +191,62 @@ def test_train_resume_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
         (["train", "--steps", "2", "--attention", "gqa"], "n_kv_heads"),
         (["train", "--steps", "2", "--preset", "nope"], "--preset"),
         (["sample", "--run", "/no/such/run"], "/no/such/run"),
+        (["sample", "--run", "/no/such/run", "--top-k", "-1"], "--top-k"),
+        (["train", "--steps", "2", "--warmup-steps", "-1"], "--warmup-steps"),
+        (["train", "--steps", "2", "--min-lr-ratio", "2"], "--min-lr-ratio"),
     ],
 )
 def test_train_and_sample_bad_input_is_one_line(argv, names, capsys):
     code, out, err = run(capsys, *argv)
     assert code == 2 and err.count("\n") == 1 and err.startswith("nanoseek: error: ") and names in err, err
+
+
+def test_resume_keeps_the_runs_settings_and_refuses_another_tokenizer(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    data, out = str(_corpus(tmp_path / "data")), tmp_path / "run"
+    first = ["--data", data, "--vocab-size", "400", "--seq-len", "32", "--out", str(out), "--no-progress"]
+    code, _, _ = run(
+        capsys, "train", *first, "--steps", "2", "--batch-size", "4", "--lr", "1e-3", "--ckpt-every", "2"
+    )
+    assert code == 0
+    # a bare --resume: batch size and learning rate are the run's, not the defaults (16, 3e-3)
+    code, stdout, _ = run(
+        capsys, "train", "--out", str(out), "--resume", "--steps", "3", "--data", data, "--no-progress"
+    )
+    assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["step"] == 3
+    saved = json.loads((out / "train_config.json").read_text())
+    assert (saved["batch_size"], saved["lr"], saved["seq_len"]) == (4, 1e-3, 32)
+    # resuming on other data, whose tokenizer differs, is refused before anything in the run is touched
+    tok = (out / "tokenizer.json").read_bytes()
+    other = tmp_path / "other"
+    other.mkdir()
+    for i in range(10):
+        (other / f"o{i}.txt").write_text("zebra quartz xylophone " * 100 + str(i))
+    code, _, err = run(
+        capsys, "train", "--out", str(out), "--resume", "--data", str(other), "--vocab-size", "400"
+    )
+    assert code == 2 and "another tokenizer" in err and err.count("\n") == 1, err
+    assert (out / "tokenizer.json").read_bytes() == tok
+
+
+def test_resume_with_only_corrupt_checkpoints_is_an_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    data, out = str(_corpus(tmp_path / "data")), tmp_path / "run"
+    common = [
+        "--data",
+        data,
+        "--vocab-size",
+        "400",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+    ]
+    assert run(capsys, "train", *common, "--steps", "2", "--ckpt-every", "2", "--no-progress")[0] == 0
+    for weights in (out / "checkpoints").glob("step_*/model.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    code, _, err = run(capsys, "train", *common, "--resume", "--steps", "4", "--no-progress")
+    assert code == 2 and "no checkpoint" in err and "loads" in err, err
+    assert not (out / "previous").exists()  # the run was not moved aside as if starting afresh

@@ -41,3 +41,22 @@ def test_speedrun_quick_end_to_end(tmp_path, monkeypatch):
     assert len(steps) == 30 and evals[-1]["val_loss"] < evals[0]["val_loss"] < 7
     assert steps[-1]["lm_loss"] < steps[0]["lm_loss"]
     assert json.loads((run / "config.json").read_text())["vocab_size"] <= 512
+
+
+def test_an_interrupted_pretraining_stops_the_speedrun(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during pretraining: the trainer saves and stops, and the speedrun post-trains nothing on the
+    half-trained model and exits 130, as a shell reports Ctrl-C."""
+    from nanoseek.cli import main
+    from nanoseek.train.trainer import Trainer
+
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    fit = Trainer.fit
+    monkeypatch.setattr(
+        Trainer, "fit", lambda self, **kw: fit(self, stop_at=3, **kw)
+    )  # as if Ctrl-C at step 3
+    run = tmp_path / "run"
+    code = main(
+        ["speedrun", "--quick", "--no-progress", "--out", str(run), "--data", str(_corpus(tmp_path / "d"))]
+    )
+    assert code == 130 and "continue it with --resume" in capsys.readouterr().err
+    assert (run / "checkpoints").is_dir() and not (run / "sft").exists() and not (run / "report.md").exists()

@@ -112,9 +112,14 @@ def test_a_fresh_start_moves_the_earlier_run_aside(tiny_cfg, tmp_path):
     assert (tmp_path / "previous" / "metrics.jsonl").read_text() == first  # the earlier one's, kept
     assert [p.name for p in list_checkpoints(tmp_path / "previous")] == ["step_0000003", "step_0000006"]
     assert any("moved to" in line for line in said)
-    _trainer(tiny_cfg, tmp_path).fit()  # a third: only the run just before it is kept
-    assert (tmp_path / "previous" / "metrics.jsonl").read_text() != first
-    assert [r["step"] for r in _records(tmp_path / "previous")] == [1, 2, 3, 4, 5, 6]
+    second = (tmp_path / "metrics.jsonl").read_text()
+    _trainer(tiny_cfg, tmp_path).fit()  # a third: the second moves aside, the first moves on, nothing is lost
+    assert (tmp_path / "previous" / "metrics.jsonl").read_text() == second
+    assert (tmp_path / "previous.1" / "metrics.jsonl").read_text() == first
+    assert [p.name for p in list_checkpoints(tmp_path / "previous.1")] == ["step_0000003", "step_0000006"]
+    _trainer(tiny_cfg, tmp_path).fit()  # a fourth
+    assert (tmp_path / "previous.1" / "metrics.jsonl").read_text() == second
+    assert (tmp_path / "previous.2" / "metrics.jsonl").read_text() == first
 
 
 def _records(run_dir):

@@ -32,7 +32,9 @@ def _engine_flags(p) -> None:
         "--max-len", type=positive_int, help="context: prompt + new tokens (default min(model, 2048))"
     )
     p.add_argument(
-        "--speculative", action="store_true", help="MTP speculative decoding (same output, fewer steps)"
+        "--speculative",
+        action="store_true",
+        help="MTP speculative decoding (greedy: the same tokens; sampling: the same distribution, not the same draw)",
     )
     p.add_argument(
         "--reference-decode",
@@ -82,7 +84,9 @@ def _params(args, **extra):
 
 def _load(args, max_batch: int = 1):
     from nanoseek.infer.engine import Engine, load
+    from nanoseek.train.trainer import resolve_device
 
+    resolve_device(args.device)  # "cuda" without a GPU: one-line error, not torch's AssertionError
     model, tok = load(args.model, device=args.device)
     engine = Engine(
         model,
@@ -257,6 +261,19 @@ def add_serve_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _check_listen(host: str, port: int) -> None:
+    """Fail with one line before loading the model if HOST:PORT cannot be listened on (in use, bad host)."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            s.bind(addr)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from nanoseek.infer.server import serve
 
@@ -264,6 +281,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"argument --port: {args.port} is not a port number")
     if args.max_queue < 0:
         raise UsageError(f"argument --max-queue: {args.max_queue} must be >= 0")
+    from nanoseek.train.trainer import resolve_device
+
+    resolve_device(args.device)
+    _check_listen(args.host, args.port)
     serve(
         args.model,
         args.host,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from nanoseek.argtypes import fraction, non_negative_number, positive_int, positive_number
+from nanoseek.argtypes import fraction, non_negative_int, non_negative_number, positive_int, positive_number
 
 _TASK_HELP = (
     "task spec: add | sub | mul | countdown | linear with knobs (mul:digits=3,digits_b=2; countdown:numbers=4), "
@@ -77,12 +77,12 @@ def _add_train_flags(p, lr: float, out: str) -> None:
         "--seq-len",
         type=positive_int,
         default=256,
-        help="longest example kept; the row length with --pack (256)",
+        help="longest example kept (256); with sft's --pack, the row length",
     )
     t.add_argument("--batch-size", type=positive_int, default=16, help="rows per micro-batch (16)")
     t.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step (1)")
     t.add_argument("--lr", type=positive_number, default=lr, help=f"peak learning rate ({lr})")
-    t.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps (20)")
+    t.add_argument("--warmup-steps", type=non_negative_int, default=20, help="linear warmup steps (20)")
     t.add_argument("--schedule", choices=("cosine", "multistep", "wsd"), default="cosine", help="(cosine)")
     t.add_argument("--weight-decay", type=non_negative_number, default=0.0, help="AdamW decay (0)")
     t.add_argument("--ckpt-every", type=positive_int, default=500, help="checkpoint every N steps (500)")
@@ -129,7 +129,10 @@ def _add_sft(sub) -> None:
     data.add_argument("--task", help=f"generate worked solutions instead: {_TASK_HELP}")
     p.add_argument("--examples", type=positive_int, default=20000, help="conversations for --task (20000)")
     p.add_argument(
-        "--eval-problems", type=int, default=200, help="held-out problems for --task (200; 0 = none)"
+        "--eval-problems",
+        type=non_negative_int,
+        default=200,
+        help="held-out problems for --task (200; 0 = none)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument(
@@ -231,13 +234,17 @@ def _add_grpo(sub) -> None:
     o.add_argument("--minibatches", type=positive_int, default=1, help="optimizer steps per pass (1)")
     o.add_argument("--micro-batch", type=positive_int, default=16, help="sequences per forward (16)")
     o.add_argument("--lr", type=positive_number, default=1e-5, help="learning rate (1e-5)")
-    o.add_argument("--warmup-steps", type=int, default=0, help="linear warmup (0)")
+    o.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear warmup (0)")
     o.add_argument("--weight-decay", type=non_negative_number, default=0.0, help="AdamW decay (0)")
     o.add_argument("--grad-clip", type=positive_number, default=1.0, help="gradient-norm clip (1.0)")
     e = p.add_argument_group("evaluation and checkpoints")
     e.add_argument("--eval-every", type=positive_int, default=25, help="held-out eval every N steps (25)")
-    e.add_argument("--eval-problems", type=int, default=100, help="held-out problems (100; 0 = none)")
-    e.add_argument("--pass-k", type=int, default=8, help="k of sampled pass@k (8; 0 = greedy only)")
+    e.add_argument(
+        "--eval-problems", type=non_negative_int, default=100, help="held-out problems (100; 0 = none)"
+    )
+    e.add_argument(
+        "--pass-k", type=non_negative_int, default=8, help="k of sampled pass@k (8; 0 = greedy only)"
+    )
     e.add_argument("--ckpt-every", type=positive_int, default=50, help="checkpoint every N steps (50)")
     e.add_argument("--keep-last", type=positive_int, default=2, help="checkpoints kept (2)")
     e.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -322,8 +329,10 @@ def _add_distill(sub) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="completion length cap (64)")
     p.add_argument("--kd-weight", type=fraction, help="weight of the forward-KL logit loss (off by default)")
     p.add_argument("--kd-temperature", type=positive_number, default=1.0, help="KL temperature tau (1.0)")
-    p.add_argument("--eval-problems", type=int, default=200, help="held-out problems (200; 0 = none)")
-    p.add_argument("--pass-k", type=int, default=8, help="k of sampled pass@k (8)")
+    p.add_argument(
+        "--eval-problems", type=non_negative_int, default=200, help="held-out problems (200; 0 = none)"
+    )
+    p.add_argument("--pass-k", type=non_negative_int, default=8, help="k of sampled pass@k (8)")
     _add_train_flags(p, lr=1e-3, out="runs/distill")
     p.set_defaults(func=cmd_distill, epochs=2.0)
 

@@ -173,7 +173,10 @@ class SFTLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed or state["seq_len"] != self.seq_len:
-            raise SFTDataError(f"loader state is for seed={state['seed']}, seq_len={state['seq_len']}")
+            raise SFTDataError(
+                f"loader state is for seed={state['seed']}, seq_len={state['seq_len']}; this run has "
+                f"seed={self.seed}, seq_len={self.seq_len} (resume with the same --seed, --seq-len and --pack)"
+            )
         self.epoch, self.index = state["epoch"], state["index"]
 
 

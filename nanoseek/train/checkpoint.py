@@ -171,8 +171,9 @@ def start_run_dir(run_dir: str | Path, step: int, log=print) -> None:
     """Make RUN_DIR's step logs describe this run alone, before it logs its first step.
 
     A fresh start (step 0) in a folder holding an earlier run moves that run's logs and checkpoints into
-    RUN_DIR/previous/ (replacing what an even earlier fresh start left there), so its records do not mix into this
-    run's report and plots, and a forgotten --resume loses no work. A run resumed at step k drops the log records
+    RUN_DIR/previous/, so its records do not mix into this run's report and plots, and a forgotten --resume loses
+    no work. What an even earlier fresh start left in previous/ moves on to previous.1/ (and previous.1/ to
+    previous.2/, ...): a second forgotten --resume loses nothing either. A run resumed at step k drops the log records
     past step k: the steps the interruption lost, which are about to run again."""
     run_dir = Path(run_dir)
     logs = [run_dir / name for name in RUN_LOGS if (run_dir / name).exists()]
@@ -181,7 +182,7 @@ def start_run_dir(run_dir: str | Path, step: int, log=print) -> None:
         if not earlier:
             return
         previous = run_dir / PREVIOUS
-        shutil.rmtree(previous, ignore_errors=True)
+        _rotate(previous)
         previous.mkdir()
         for path in earlier:
             os.replace(path, previous / path.name)
@@ -194,6 +195,18 @@ def start_run_dir(run_dir: str | Path, step: int, log=print) -> None:
             tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
             tmp.write_text("".join(kept))
             os.replace(tmp, path)
+
+
+def _rotate(previous: Path) -> None:
+    """previous.N -> previous.N+1 for every N, then previous -> previous.1, like logrotate: nothing is deleted."""
+    if not previous.exists():
+        return
+    n = 1
+    while previous.with_name(f"{previous.name}.{n}").exists():
+        n += 1
+    for k in range(n - 1, 0, -1):
+        os.replace(previous.with_name(f"{previous.name}.{k}"), previous.with_name(f"{previous.name}.{k + 1}"))
+    os.replace(previous, previous.with_name(f"{previous.name}.1"))
 
 
 def _step_of(line: str) -> float:

@@ -94,6 +94,10 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise TrainError(f"lr: must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise TrainError(f"min_lr_ratio: must be in [0, 1] (a fraction of lr), got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise TrainError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         self.tokens_per_step = self.batch_size * self.grad_accum * self.seq_len * world_size
         if self.steps is None:
             if self.tokens is None:
