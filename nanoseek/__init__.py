@@ -22,6 +22,11 @@ def load(path: str | Path, **kwargs):
         return load_model(path, **kwargs)
     if hf.is_hf_checkpoint(path):
         return hf.load_hf(path, **kwargs)
+    if (path / "dcp").is_dir():
+        raise ValueError(
+            f"{path}: a distributed (torchrun) run; `nanoseek export --run {path} --out DIR` writes a checkpoint "
+            "that loads here"
+        )
     raise ValueError(
         f"{path}: not a folder nanoseek can load (expected a nanoseek run/checkpoint, or config.json with a "
         "model_type + safetensors)"

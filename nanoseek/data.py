@@ -351,7 +351,11 @@ def prepare(
             train_keeps_one = train.docs > 0 or i < len(candidates) - 1
             (val if val_short and train_keeps_one else train).add(tokens, n_bytes)
         if train.docs == 0 or val.docs == 0:
-            raise DataError(f"{source.path}: need at least 2 documents to hold out a validation split")
+            raise DataError(
+                f"{source.path}: need at least 2 documents to hold out a validation split, and it holds "
+                f"{train.docs + val.docs} (a text file is one document up to {DOC_CHARS:,} characters); "
+                "give a folder of several files, a longer file, or JSONL with one document per line"
+            )
         train.finish()
         val.finish()
     except BaseException:

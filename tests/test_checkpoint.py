@@ -85,6 +85,19 @@ def test_corruption_is_detected_and_skipped(tiny_cfg, tmp_path):
     assert "checksum" in warnings[0]
 
 
+def test_loading_a_run_says_when_an_older_checkpoint_stands_in(tiny_cfg, tmp_path, capsys):
+    model = Transformer(tiny_cfg)
+    good = ck.save_checkpoint(tmp_path, 1, model)
+    bad = ck.save_checkpoint(tmp_path, 2, model)
+    (bad / "model.safetensors").write_bytes((bad / "model.safetensors").read_bytes()[:-10])
+    assert ck.resolve_checkpoint(tmp_path) == good  # sample / generate / serve load the older one...
+    err = capsys.readouterr().err
+    assert "step_0000002" in err and f"using {good.name}" in err  # ...and say so
+    (good / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ck.CheckpointError, match="no valid checkpoint.*step_0000002"):
+        ck.resolve_checkpoint(tmp_path)  # and when none loads, the error says why
+
+
 def test_wrong_model_config_is_a_clear_error(tiny_cfg, tmp_path):
     path = ck.save_checkpoint(tmp_path, 1, Transformer(tiny_cfg))
     with pytest.raises(ck.CheckpointError, match="shape"):

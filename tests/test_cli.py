@@ -250,3 +250,13 @@ def test_resume_with_only_corrupt_checkpoints_is_an_error(tmp_path, capsys, monk
     code, _, err = run(capsys, "train", *common, "--resume", "--steps", "4", "--no-progress")
     assert code == 2 and "no checkpoint" in err and "loads" in err, err
     assert not (out / "previous").exists()  # the run was not moved aside as if starting afresh
+
+
+def test_one_short_text_file_says_what_to_give_instead(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    small = tmp_path / "small.txt"
+    small.write_text("to be or not to be, that is the question\n" * 500)  # one document
+    code, _, err = run(
+        capsys, "train", "--data", str(small), "--vocab-size", "300", "--steps", "1", "--no-progress"
+    )
+    assert code == 2 and "holds 1" in err and "a folder of several files" in err and err.count("\n") == 1, err

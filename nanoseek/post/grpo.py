@@ -164,7 +164,8 @@ class GRPOTrainer:
         from nanoseek.infer import load
 
         self.cfg = cfg.validate()
-        self.log, self.progress = log, progress
+        self.log = tqdm.write if log is print else log  # print() would land inside the progress bar's line
+        self.progress = progress
         self.run_dir = Path(cfg.out)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.device)

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -304,9 +305,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     if not path.exists():
         raise CheckpointError(f"{path}: no such run or checkpoint folder")
-    ckpt = latest_valid_checkpoint(path, log=lambda m: None)
+    skipped: list[str] = []
+    ckpt = latest_valid_checkpoint(path, log=skipped.append)
     if ckpt is None:
-        raise CheckpointError(f"{path}: no valid checkpoint in this run folder")
+        why = f" ({skipped[0].removeprefix('warning: skipping ')})" if skipped else ""
+        if not skipped and any(path.glob("dcp/*/.metadata")):
+            why = " (a distributed checkpoint: `nanoseek export --run RUN --out DIR` makes it one file)"
+        raise CheckpointError(f"{path}: no valid checkpoint in this run folder{why}")
+    for line in skipped:  # an older checkpoint stands in for a corrupt newer one: say so, never silently
+        print(f"nanoseek: {line}; using {ckpt.name}", file=sys.stderr)
     return ckpt
 
 

@@ -190,7 +190,7 @@ class Trainer:
         self.val_batches_fn = val_batches_fn  # () -> iterable of (x, y) over the validation split
         self.tokenizer_path = tokenizer_path
         self.bytes_per_token = bytes_per_token
-        self.log = log
+        self.log = tqdm.write if log is print else log  # print() would land inside the progress bar's line
         self.progress = progress
         self.run_dir = Path(cfg.out)
         # Under a process group the device is the rank's own (Parallel picks it with the backend).
