@@ -99,6 +99,7 @@ def test_openai_client_lists_the_model_and_completes(server):
     r = c.completions.create(model=MODEL, prompt="To be", max_tokens=5, temperature=0)
     assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 5 and r.usage.total_tokens == r.usage.prompt_tokens + 5
+    assert r.usage.prompt_tokens == len(tokenizer().encode("To be", bos=True))  # text prompts start with BOS
     chunks = list(c.completions.create(model=MODEL, prompt="To be", max_tokens=5, temperature=0, stream=True))
     assert "".join(ch.choices[0].text for ch in chunks) == r.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"

@@ -14,6 +14,8 @@ Behaviour at the edges, each of which a client can rely on:
 - A client that disconnects cancels its generation: its cache slot is free for the next step.
 - One engine thread does all the model work (nanoseek/infer/runner.py); handlers only wait on queues.
 - Binds to 127.0.0.1 unless told otherwise; `--api-key` turns on a Bearer check for /v1/*.
+- A text prompt to /v1/completions starts with BOS, as every pretraining document and `nanoseek generate` do
+  (so both give the same tokens for the same prompt); a prompt of token ids is used as given.
 """
 
 from __future__ import annotations
@@ -160,7 +162,12 @@ def create_app(
     @app.post("/v1/completions", dependencies=api)
     async def completions(request: Request):
         body = await _parse(request, CompletionBody)
-        prompt = body.prompt if isinstance(body.prompt, list) else tokenizer.encode(body.prompt)
+        if isinstance(body.prompt, list):  # token ids: used as given
+            prompt = body.prompt
+        else:  # text starts with BOS, as every pretraining document does (and as `nanoseek generate` does)
+            prompt = tokenizer.encode(body.prompt)
+            if prompt and tokenizer.bos_id is not None and prompt[0] != tokenizer.bos_id:  # "" stays a 400
+                prompt = [tokenizer.bos_id, *prompt]
         vocab = engine.model.cfg.vocab_size
         if not all(0 <= t < vocab for t in prompt):
             raise APIError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
