@@ -189,6 +189,12 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
         f"{args.out}: vocab {tok.vocab_size}, trained on {stats['docs']:,} documents ({stats['chars']:,} chars) "
         f"of {source.describe()} in {stats['seconds']:.1f} s, sha256 {tok.sha256[:16]}"
     )
+    if tok.vocab_size < args.vocab_size:
+        print(
+            f"nanoseek: note: {tok.vocab_size} tokens, not the {args.vocab_size} asked for: the text ran out of "
+            "pairs to merge (more text, or a larger --max-chars, gives more)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -523,6 +529,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         )
     prompt = args.prompt
     ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
+    context = model.cfg.max_position_embeddings
+    if len(ids) + args.max_tokens > context:
+        raise UsageError(
+            f"argument --max-tokens: {len(ids)} prompt tokens + {args.max_tokens} new ones exceed the model's "
+            f"context of {context} positions"
+        )
     stop = {tok.eos_id} if tok.eos_id is not None else None
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
@@ -599,6 +611,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from nanoseek.train.trainer import TrainConfig
 
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    if not groups:
+        raise UsageError(f"argument --groups: no group given; choose from {', '.join(GROUPS)}")
     for g in groups:
         if g not in GROUPS:
             raise UsageError(f"argument --groups: unknown group {g!r}; choose from {', '.join(GROUPS)}")
@@ -664,6 +678,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (UsageError, ConfigError, ValueError, OSError) as e:
         message = " ".join(str(e).split())  # one line, whatever the exception held
+        if isinstance(e, OSError) and e.strerror and e.filename:  # not "[Errno 17] File exists: ..."
+            message = f"{e.filename}: {e.strerror.lower()}"
+            if e.filename2:  # a rename onto an existing path: name that path, not the temp file
+                message = f"{e.filename2}: {e.strerror.lower()}"
         print(f"nanoseek: error: {message}", file=sys.stderr)
         return 2
 

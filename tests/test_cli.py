@@ -180,6 +180,8 @@ def test_train_resume_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
         capsys, "sample", "--run", out, "--prompt", "the king", "--max-tokens", "5", "--seed", "0"
     )
     assert code == 0 and stdout.startswith("the king")
+    code, _, err = run(capsys, "sample", "--run", out, "--prompt", "the king", "--max-tokens", "5000")
+    assert code == 2 and "context" in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize(
@@ -192,6 +194,7 @@ def test_train_resume_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
         (["train", "--steps", "2", "--preset", "nope"], "--preset"),
         (["sample", "--run", "/no/such/run"], "/no/such/run"),
         (["sample", "--run", "/no/such/run", "--top-k", "-1"], "--top-k"),
+        (["ablate", "--groups", " , "], "--groups"),
         (["train", "--steps", "2", "--warmup-steps", "-1"], "--warmup-steps"),
         (["train", "--steps", "2", "--min-lr-ratio", "2"], "--min-lr-ratio"),
     ],
@@ -260,3 +263,21 @@ def test_one_short_text_file_says_what_to_give_instead(tmp_path, capsys, monkeyp
         capsys, "train", "--data", str(small), "--vocab-size", "300", "--steps", "1", "--no-progress"
     )
     assert code == 2 and "holds 1" in err and "a folder of several files" in err and err.count("\n") == 1, err
+
+
+def test_os_errors_name_the_path_without_errno_noise(tmp_path, capsys):
+    text = tmp_path / "c.txt"
+    text.write_text("to be or not to be\n" * 200)
+    (tmp_path / "a_folder").mkdir()  # --out names a folder: the rename of the temp file onto it fails
+    argv = [
+        "tokenizer",
+        "train",
+        "--data",
+        str(text),
+        "--vocab-size",
+        "300",
+        "--out",
+        str(tmp_path / "a_folder"),
+    ]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and err == f"nanoseek: error: {tmp_path / 'a_folder'}: is a directory\n", err

@@ -58,17 +58,32 @@ def test_generate_errors_are_one_line(model_dir, capsys):
     assert main(["generate", "--model", "/nonexistent", "--prompt", "x"]) == 2
     assert main(["generate", "--model", model_dir, "--prompt", "x", "--top-p", "2"]) == 2
     assert main(["serve", "--model", model_dir, "--port", "70000"]) == 2
+    assert main(["generate", "--model", model_dir, "--prompt", "x", "--logprobs", "2"]) == 2  # needs --json
+    assert main(["generate", "--model", model_dir, "--prompt", "x", "--device", "cuda:9"]) == 2  # no such GPU
     capsys.readouterr()
 
 
+def test_serve_on_a_taken_port_is_one_line_before_loading(model_dir, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "--model", "/nonexistent", "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nanoseek: error: cannot listen on 127.0.0.1:") and err.count("\n") == 1, err
+
+
 def test_chat_streams_replies_resets_and_exits(model_dir, capsys, monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/reset\nagain\n/exit\nnever read\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/reset\n/rest\nagain\n/exit\nnever read\n"))
     assert (
         main(["chat", "--model", model_dir, "--max-tokens", "5", "--temperature", "0", "--max-len", "64"])
         == 0
     )
     captured = capsys.readouterr()
     assert captured.out.count("assistant> ") == 2 and "(conversation reset)" in captured.err
+    assert "(unknown command /rest" in captured.err  # a typo is not sent to the model
 
 
 def test_chat_template_renders_roles_with_special_tokens_and_drops_old_thinking():

@@ -120,6 +120,8 @@ def add_generate_parser(sub) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from nanoseek.infer.chat import encode_chat
 
+    if args.logprobs is not None and not args.json:
+        raise UsageError("argument --logprobs: needs --json (logprobs are part of the JSON output)")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     engine, tok = _load(args)
     stop_ids: list[int] = []
@@ -204,6 +206,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("(conversation reset)", file=sys.stderr)
             continue
         if not text:
+            continue
+        if text.startswith("/") and " " not in text:  # a mistyped command is not a message for the model
+            print(f"(unknown command {text}: /reset starts over, /exit quits)", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": text})
         ids, stop_ids = encode_chat(tok, messages)
