@@ -233,6 +233,8 @@ def add_prepare_parser(sub) -> None:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from nanoseek.data import prepare
 
+    if args.val_fraction >= 1:
+        raise UsageError(f"argument --val-fraction: {args.val_fraction} leaves nothing to train on; give < 1")
     m = prepare(
         args.data,
         args.tokenizer,
@@ -295,7 +297,12 @@ def add_train_parser(sub) -> None:
         "(OUT/checkpoints/step_*); --resume continues bit-identically. Ctrl-C saves and exits.",
     )
     _add_model_flags(p)
-    p.add_argument("--data", default="default", metavar="PATH|default", help=_DATA_HELP)
+    p.add_argument(
+        "--data",
+        default="default",
+        metavar="PATH|default",
+        help=_DATA_HELP + "; or a folder `nanoseek prepare` wrote, with the --tokenizer it used",
+    )
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json (default: train one on the data)")
     p.add_argument(
         "--vocab-size", type=positive_int, default=4096, help="vocab of the trained tokenizer (4096)"

@@ -302,7 +302,7 @@ def prepare(
     }
     try:
         old = load_manifest(out_dir)
-        if all(old.get(k) == v for k, v in key.items()) and _shards_intact(out_dir, old):
+        if all(old.get(k) == v for k, v in key.items()) and shards_intact(out_dir, old):
             if progress:
                 print(
                     f"prepare: {out_dir} is up to date (same data and tokenizer), reusing it", file=sys.stderr
@@ -424,7 +424,7 @@ def _unit_hash(seed: int, index: int) -> float:
     return int.from_bytes(digest, "little") / 2.0**64
 
 
-def _shards_intact(out_dir: Path, manifest: dict) -> bool:
+def shards_intact(out_dir: Path, manifest: dict) -> bool:
     itemsize = np.dtype(manifest["dtype"]).itemsize
     for info in manifest["splits"].values():
         path = out_dir / info["file"]

@@ -281,3 +281,44 @@ def test_os_errors_name_the_path_without_errno_noise(tmp_path, capsys):
     ]
     code, _, err = run(capsys, *argv)
     assert code == 2 and err == f"nanoseek: error: {tmp_path / 'a_folder'}: is a directory\n", err
+
+
+def test_train_reads_a_folder_that_prepare_wrote(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    corpus, tok, data = _corpus(tmp_path / "corpus"), tmp_path / "tok.json", tmp_path / "data"
+    assert (
+        run(capsys, "tokenizer", "train", "--data", str(corpus), "--vocab-size", "300", "--out", str(tok))[0]
+        == 0
+    )
+    assert run(capsys, "prepare", "--data", str(corpus), "--tokenizer", str(tok), "--out", str(data))[0] == 0
+    common = [
+        "train",
+        "--data",
+        str(data),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--steps",
+        "1",
+        "--no-progress",
+    ]
+    code, out, _ = run(capsys, *common, "--tokenizer", str(tok), "--out", str(tmp_path / "run"))
+    assert (
+        code == 0 and "(prepared)" in out and json.loads(out.strip().splitlines()[-1])["status"] == "finished"
+    )
+    code, _, err = run(capsys, *common, "--out", str(tmp_path / "run2"))  # which tokenizer? it must be said
+    assert code == 2 and "--tokenizer" in err, err
+    code, _, err = run(
+        capsys,
+        "prepare",
+        "--data",
+        str(corpus),
+        "--tokenizer",
+        str(tok),
+        "--out",
+        str(data),
+        "--val-fraction",
+        "1",
+    )
+    assert code == 2 and "--val-fraction" in err, err

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.config import ModelConfig
-from nanoseek.data import TokenLoader, cache_dir, eval_batches, open_data, prepare
+from nanoseek.data import (
+    DataError,
+    TokenLoader,
+    cache_dir,
+    eval_batches,
+    load_manifest,
+    open_data,
+    prepare,
+    shards_intact,
+)
 from nanoseek.sample import generate
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
 from nanoseek.train.trainer import TrainConfig, Trainer
@@ -37,6 +46,8 @@ class PreparedData:
 def prepare_data(
     data: str, tokenizer: str | None, vocab_size: int, log=print, progress: bool = True
 ) -> PreparedData:
+    if (Path(data) / "manifest.json").is_file():
+        return _prepared_folder(Path(data), tokenizer, log)
     source = open_data(data)
     key = source.fingerprint()[:16]
     if tokenizer:
@@ -57,6 +68,23 @@ def prepare_data(
         f"data: {manifest['source']}: {split['train']['tokens']:,} train / {split['val']['tokens']:,} val tokens"
     )
     return PreparedData(tok, tok_path, data_dir, manifest)
+
+
+def _prepared_folder(data_dir: Path, tokenizer: str | None, log) -> PreparedData:
+    """A `nanoseek prepare` output used as it is: the tokenizer must be the one it was prepared with."""
+    manifest = load_manifest(data_dir)
+    if not tokenizer:
+        raise DataError(f"{data_dir}: a prepared folder; give the --tokenizer it was prepared with")
+    tok = Tokenizer.load(tokenizer)
+    if tok.sha256 != manifest.get("tokenizer_sha256"):
+        raise DataError(f"{data_dir}: prepared with another tokenizer than {tokenizer} (sha256 differs)")
+    if not shards_intact(data_dir, manifest):
+        raise DataError(f"{data_dir}: token shards missing or truncated; run `nanoseek prepare` again")
+    split = manifest["splits"]
+    log(
+        f"data: {data_dir} (prepared): {split['train']['tokens']:,} train / {split['val']['tokens']:,} val tokens"
+    )
+    return PreparedData(tok, Path(tokenizer), data_dir, manifest)
 
 
 def build_trainer(
