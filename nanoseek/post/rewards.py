@@ -14,10 +14,11 @@ and `completions` are lists of strings of equal length, and every task field arr
 the list of that field over the batch (`task`, `answer`, and e.g. `numbers`, `target` for countdown); accept
 `**kwargs` to ignore the rest. User functions are named by import path: `--reward mypkg.rewards:fn=0.5`.
 
-`RewardSet` sums the functions with their weights and never lets one kill a run: if a call raises, each sample is
-retried alone; a sample whose call still raises, or that returns something other than a finite number, scores
-0.0 for that function and is counted in `failures[name]` (logged every step). `None` means "not applicable"
-(TRL's convention) and scores 0.0 without counting as a failure.
+`RewardSet` sums the functions with their weights and never lets one sample's failure kill a run: if a call
+raises, each sample is retried alone; a sample whose call still raises, or that returns something other than a
+finite number, scores 0.0 for that function and is counted in `failures[name]` (logged every step). `None` means
+"not applicable" (TRL's convention) and scores 0.0 without counting as a failure. A function that fails on every
+sample of GRPO's first step is broken, not unlucky, and stops the run there (grpo.py).
 """
 
 from __future__ import annotations
