@@ -192,6 +192,16 @@ def test_bad_requests_get_an_openai_error_body(server, path, body, status, param
         assert reply["error"]["param"].startswith(param)
 
 
+@pytest.mark.parametrize("prompt", [123, ["a", "b"], [1, "b"]])
+def test_a_prompt_of_the_wrong_type_names_the_field_not_pydantics_union_member(server, prompt):
+    status, _, reply = request(server, "POST", "/v1/completions", {"model": MODEL, "prompt": prompt})
+    assert status == 400 and reply["error"]["param"] == "prompt", reply
+    assert (
+        reply["error"]["message"]
+        == "prompt: must be a string or a list of token ids (one prompt per request)"
+    )
+
+
 def test_unknown_routes_and_methods_get_error_bodies(server):
     assert request(server, "GET", "/v1/nothing")[0] == 404
     code, _, reply = request(server, "GET", "/v1/chat/completions")

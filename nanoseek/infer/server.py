@@ -328,9 +328,19 @@ def _unknown_model(name: str) -> APIError:
     return APIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
 
 
+_UNION_HINTS = {"prompt": "must be a string or a list of token ids (one prompt per request)"}
+
+
 def _validation_api_error(errors: list) -> APIError:
     first = errors[0] if errors else {}
-    loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    parts = [str(x) for x in first.get("loc", ()) if x != "body"]
+    # pydantic names the member of a union it tried ("prompt.str", "prompt.list[int].0"): not a field a client
+    # sent, so the error names the field and says what it accepts
+    tag = next((i for i, x in enumerate(parts) if x in ("str", "int") or "[" in x), None)
+    if tag is not None:
+        field = ".".join(parts[:tag])
+        return APIError(400, f"{field}: {_UNION_HINTS.get(field, 'has the wrong type')}", param=field or None)
+    loc = ".".join(parts)
     msg = first.get("msg", "invalid request")
     return APIError(400, f"{loc}: {msg}" if loc else msg, param=loc or None)
 

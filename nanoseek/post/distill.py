@@ -144,6 +144,8 @@ def distill(
     teacher_model, tokenizer = load(teacher)
     teacher_model.float()
     if student_init is not None:
+        if not Path(student_init).is_dir():
+            raise DistillError(f"student_init: {student_init}: no such run or checkpoint folder")
         student_tok = Tokenizer.load(Path(student_init) / "tokenizer.json")
         if student_tok.sha256 != tokenizer.sha256:
             raise DistillError(
