@@ -5,7 +5,8 @@ The path is corpus -> `prepare` -> `train.bin` / `val.bin` + `manifest.json` -> 
 - A corpus is a text file, a folder (searched recursively for .txt, .md, .jsonl and .parquet files), a JSONL
   file (a "text" field per line) or a parquet file (a "text" column). Documents are read lazily, one at a
   time, so a many-GB corpus never sits in memory; a text file is one document unless it is longer than
-  `DOC_CHARS`, in which case it is cut at line breaks into documents of at most that many characters.
+  `DOC_CHARS`, in which case it is cut at line breaks into documents of at most that many characters. A corpus
+  that is one shorter text file is cut into ~16 documents, so that it can hold out a validation split.
   `--data default` is Shakespeare's complete works (42 plays and poems, ~5 MB), see `shakespeare_dir`.
 - `prepare` writes every document as [BOS, tokens...] into one flat array of token ids: uint16 when the
   vocabulary fits, else uint32. The validation split holds out *whole documents* (chosen by a seeded hash of
@@ -22,6 +23,7 @@ The manifest also records the UTF-8 bytes of each split, so validation loss conv
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import json
@@ -126,6 +128,10 @@ def _extract_texts(archive: Path, dest: Path) -> int:
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
 DOC_CHARS = 1 << 18  # longer text files are cut into documents of at most this many characters (256K)
+SHORT_FILE_DOCS, MIN_DOC_CHARS = (
+    16,
+    1024,
+)  # a corpus that is one shorter text file: ~16 documents of >= 1K chars
 PARQUET_BATCH_ROWS = 1024
 
 
@@ -158,6 +164,8 @@ class DataSource:
             reader = (
                 _read_jsonl if suffix == ".jsonl" else _read_parquet if suffix == ".parquet" else _read_text
             )
+            if reader is _read_text and self.path.is_file():  # the corpus is this one file
+                reader = functools.partial(_read_text, doc_chars=_lone_text_doc_chars(path))
             try:
                 for doc in reader(path):
                     if doc.strip():
@@ -193,17 +201,24 @@ def open_data(data: str | Path | DataSource) -> DataSource:
     return DataSource(data)
 
 
-def _read_text(path: Path) -> Iterator[str]:
+def _read_text(path: Path, doc_chars: int = DOC_CHARS) -> Iterator[str]:
     # newline="" keeps "\r\n" as written, so byte counts (for bits per byte) match the file.
     with open(path, encoding="utf-8", newline="") as f:
         pending = ""
-        while block := f.read(DOC_CHARS):
+        while block := f.read(doc_chars):
             pending += block
-            while len(pending) > DOC_CHARS:
-                cut = pending.rfind("\n", 0, DOC_CHARS) + 1 or DOC_CHARS  # after a line break if there is one
+            while len(pending) > doc_chars:
+                cut = pending.rfind("\n", 0, doc_chars) + 1 or doc_chars  # after a line break if there is one
                 yield pending[:cut]
                 pending = pending[cut:]
         yield pending
+
+
+def _lone_text_doc_chars(path: Path) -> int:
+    """Document size for a corpus that is one short text file: it would be a single document, and a validation
+    split needs two, so it is cut into ~SHORT_FILE_DOCS documents at line breaks (never under MIN_DOC_CHARS)."""
+    size = path.stat().st_size
+    return DOC_CHARS if size > DOC_CHARS else max(MIN_DOC_CHARS, size // SHORT_FILE_DOCS)
 
 
 def _read_jsonl(path: Path) -> Iterator[str]:
@@ -353,8 +368,8 @@ def prepare(
         if train.docs == 0 or val.docs == 0:
             raise DataError(
                 f"{source.path}: need at least 2 documents to hold out a validation split, and it holds "
-                f"{train.docs + val.docs} (a text file is one document up to {DOC_CHARS:,} characters); "
-                "give a folder of several files, a longer file, or JSONL with one document per line"
+                f"{train.docs + val.docs}; give more text (a lone text file is cut into documents of at least "
+                f"{MIN_DOC_CHARS:,} characters), a folder of several files, or JSONL with one document per line"
             )
         train.finish()
         val.finish()

@@ -255,12 +255,19 @@ def test_resume_with_only_corrupt_checkpoints_is_an_error(tmp_path, capsys, monk
     assert not (out / "previous").exists()  # the run was not moved aside as if starting afresh
 
 
-def test_one_short_text_file_says_what_to_give_instead(tmp_path, capsys, monkeypatch):
+def test_one_short_text_file_is_cut_into_documents_and_trains(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
     small = tmp_path / "small.txt"
-    small.write_text("to be or not to be, that is the question\n" * 500)  # one document
+    small.write_text(
+        "to be or not to be, that is the question\n" * 500
+    )  # 21K characters: one file, ~16 documents
+    argv = ["train", "--data", str(small), "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4"]
+    code, out, err = run(capsys, *argv, "--steps", "1", "--out", str(tmp_path / "run"), "--no-progress")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["status"] == "finished", err
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("to be or not to be\n" * 20)  # too short for two documents of 1K characters
     code, _, err = run(
-        capsys, "train", "--data", str(small), "--vocab-size", "300", "--steps", "1", "--no-progress"
+        capsys, "train", "--data", str(tiny), "--vocab-size", "300", "--steps", "1", "--no-progress"
     )
     assert code == 2 and "holds 1" in err and "a folder of several files" in err and err.count("\n") == 1, err
 
