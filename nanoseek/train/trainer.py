@@ -226,7 +226,9 @@ class Trainer:
         self.bad_steps = 0
         self.flops_per_token = count_flops(model_cfg, cfg.seq_len).full
         self.peak, self.peak_source = peak_flops(self.device, self.precision)
-        self.peak *= world_size  # MFU of the whole job: the step's tokens over every rank's peak
+        if world_size > 1:  # MFU of the whole job: the step's tokens over every rank's peak
+            self.peak_source = f"{world_size} ranks x {self.peak / 1e9:.0f} GFLOP/s; each: {self.peak_source}"
+            self.peak *= world_size
 
     # ---- persistence ---------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
