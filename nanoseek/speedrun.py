@@ -83,6 +83,7 @@ def speedrun(
     trainer = build_trainer(model_cfg, train_cfg, prepared, log=log, progress=progress)
     if resume:
         trainer.resume()
+    resumed_at = trainer.step
     result = trainer.fit()
     if result["status"] != "finished":  # Ctrl-C / SIGTERM or a diverged loss: post-train nothing on it
         raise Unfinished(result["status"])
@@ -94,7 +95,10 @@ def speedrun(
             trainer.model, bos + tok.encode(prompt), 24 if quick else 120, temperature=0.8, top_k=50, seed=i
         )
         samples.append(prompt + tok.decode(ids))
-    post = post_training(train_cfg.out, quick, resume, log=log, progress=progress)  # SFT, then GRPO
+    # Post-training resumes only on the pretrained model it started from: if this call pretrained further (a
+    # finished run given more --steps), its SFT and GRPO start over from the new weights.
+    post_resume = resume and result["step"] == resumed_at
+    post = post_training(train_cfg.out, quick, post_resume, log=log, progress=progress)  # SFT, then GRPO
     report = write_report(
         train_cfg.out,
         samples,

@@ -60,3 +60,20 @@ def test_an_interrupted_pretraining_stops_the_speedrun(tmp_path, monkeypatch, ca
     )
     assert code == 130 and "continue it with --resume" in capsys.readouterr().err
     assert (run / "checkpoints").is_dir() and not (run / "sft").exists() and not (run / "report.md").exists()
+
+
+def test_post_training_resumes_only_on_the_model_it_started_from(tmp_path, monkeypatch):
+    import nanoseek.speedrun as sr
+
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    calls = []
+    monkeypatch.setattr(sr, "post_training", lambda out, quick, resume, **kw: calls.append(resume) or [])
+    kw = dict(out=str(tmp_path / "run"), data=str(_corpus(tmp_path / "d")), quick=True, progress=False)
+    sr.speedrun(steps=3, log=lambda *a: None, **kw)
+    sr.speedrun(
+        steps=3, resume=True, log=lambda *a: None, **kw
+    )  # nothing more to pretrain: post-training resumes
+    sr.speedrun(
+        steps=5, resume=True, log=lambda *a: None, **kw
+    )  # pretrained further: SFT and GRPO start over
+    assert calls == [False, True, False]
