@@ -128,10 +128,8 @@ def _extract_texts(archive: Path, dest: Path) -> int:
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
 DOC_CHARS = 1 << 18  # longer text files are cut into documents of at most this many characters (256K)
-SHORT_FILE_DOCS, MIN_DOC_CHARS = (
-    16,
-    1024,
-)  # a corpus that is one shorter text file: ~16 documents of >= 1K chars
+# A corpus that is one shorter text file is cut into ~SHORT_FILE_DOCS documents of at least MIN_DOC_CHARS.
+SHORT_FILE_DOCS, MIN_DOC_CHARS = 16, 1024
 PARQUET_BATCH_ROWS = 1024
 
 

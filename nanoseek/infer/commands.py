@@ -84,9 +84,7 @@ def _params(args, **extra):
 
 def _load(args, max_batch: int = 1):
     from nanoseek.infer.engine import Engine, load
-    from nanoseek.train.trainer import resolve_device
 
-    resolve_device(args.device)  # "cuda" without a GPU: one-line error, not torch's AssertionError
     model, tok = load(args.model, device=args.device)
     engine = Engine(
         model,
@@ -286,9 +284,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"argument --port: {args.port} is not a port number")
     if args.max_queue < 0:
         raise UsageError(f"argument --max-queue: {args.max_queue} must be >= 0")
-    from nanoseek.train.trainer import resolve_device
-
-    resolve_device(args.device)
     _check_listen(args.host, args.port)
     serve(
         args.model,

@@ -486,7 +486,9 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     The tokenizer is the folder's tokenizer.json (a run folder and each checkpoint hold one)."""
     import nanoseek
     from nanoseek.tokenizer import Tokenizer, TokenizerError
+    from nanoseek.train.trainer import resolve_device
 
+    resolve_device(device)  # "cuda" without a GPU: a one-line error, not torch's AssertionError mid-load
     path = Path(path)
     model = nanoseek.load(path, device=device, **({} if dtype is None else {"dtype": dtype}))
     candidates = [path / "tokenizer.json"]

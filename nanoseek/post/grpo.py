@@ -247,9 +247,8 @@ class GRPOTrainer:
                 reward_sums[name] += sum(values)
             for name, n in result.failures.items():
                 stats["failures"][name] = stats["failures"].get(name, 0) + n
-                if (
-                    n == len(flat) and self.step == 0
-                ):  # broken, not unlucky: RL on all-zero rewards learns nothing
+                # broken, not unlucky: RL on all-zero rewards learns nothing
+                if n == len(flat) and self.step == 0:
                     raise GRPOError(
                         f"reward {name}: failed on every sample of the first step: {result.errors.get(name)}"
                     )
